@@ -1,0 +1,31 @@
+# Everything installs from nothing into .venv: `make test` and `make demo` are enough on a fresh machine.
+# torch is installed first, pinned, so that pip takes the CPU build available here rather than a
+# multi-GB CUDA build; on a GPU machine install your own torch first and run `pip install -e .`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hf_moe_patch-installed
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests hf_moe_patch
+
+demo: $(STAMP)
+	$(PY) -m hf_moe_patch.cli demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_routing.py --out benchmarks/RESULTS.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,36 @@
+"""hf_moe_patch: swap the router of a pretrained transformers MoE model in one call.
+
+Example:
+    >>> import hf_moe_patch as hmp
+    >>> model = AutoModelForCausalLM.from_pretrained("allenai/OLMoE-1B-7B-0924")  # doctest: +SKIP
+    >>> hmp.patch(model, "usmoe", top_k=6, alpha=0.5)  # doctest: +SKIP
+    >>> hmp.unpatch(model)  # doctest: +SKIP
+"""
+
+from .errors import InvalidOptionError, UnsupportedModelError
+from .families import supported_models
+from .methods import METHODS
+from .patching import patch, patched, routing_config, unpatch
+from .stats import RoutingStats, collect_stats
+
+__version__ = "0.1.0"
+
+
+def supported_methods() -> list[str]:
+    """The routing method names that :func:`patch` accepts."""
+    return list(METHODS)
+
+
+__all__ = [
+    "InvalidOptionError",
+    "RoutingStats",
+    "UnsupportedModelError",
+    "__version__",
+    "collect_stats",
+    "patch",
+    "patched",
+    "routing_config",
+    "supported_methods",
+    "supported_models",
+    "unpatch",
+]

@@ -1,0 +1,9 @@
+"""Exceptions raised by hf_moe_patch. Both subclass ValueError, as bad arguments do in torch."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no adapter; the message names the supported ones."""
+
+
+class InvalidOptionError(ValueError):
+    """An unknown method, an unknown option, or an option value outside its valid range."""

@@ -1,0 +1,43 @@
+"""``"expert_choice"``: each expert picks its top tokens (Zhou et al. 2022; ROUTING.md section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ops import expert_choice_select, selection_to_slots
+from .base import RouterCall, RouterOutput, RoutingMethod, experts_budget
+
+
+@dataclass
+class ExpertChoice(RoutingMethod):
+    """Per sequence, each expert takes its top ``round(top_k * T_valid / N)`` valid tokens by
+    ``S = softmax_experts(Z)``; the gate is ``S`` (times DeepSeek-V3's routed scaling factor).
+
+    A token's routing depends on later tokens of its sequence (look-ahead in a causal model), and
+    at decode time (one token per sequence) each expert's capacity rounds to ``round(k / N)``,
+    usually 0: the decoded token then gets no routed expert. Use it for analysis, not generation.
+
+    Args:
+        top_k: average experts per token that sets the capacity; None is the native ``k``.
+
+    Example:
+        >>> import hf_moe_patch as hmp
+        >>> hmp.patch(model, "expert_choice")  # doctest: +SKIP
+    """
+
+    name = "expert_choice"
+    OPTIONS = {"top_k": experts_budget()}
+    uses_empty_slots = True
+
+    top_k: float | None = None
+
+    def route(self, call: RouterCall) -> RouterOutput:
+        native = call.native
+        logits = call.logits_fn(call.hidden_states)
+        T, N = logits.shape
+        valid, B, L = call.layout(T)
+        scores = logits.float().softmax(dim=-1)
+        budget = native.top_k if self.top_k is None else self.top_k
+        selected = expert_choice_select(scores.view(B, L, N), valid, budget).view(T, N)
+        index, weights = selection_to_slots(selected, scores, scores)
+        return logits, native.finish(weights, logits), index

@@ -1,0 +1,139 @@
+"""``"ssr"``: Selective Sinkhorn Routing (ROUTING.md section 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import log_sinkhorn, plan_topk_gates
+from .base import Option, RouterCall, RouterOutput, RoutingMethod, StepState, int_in, one_of, real_in
+
+
+@dataclass
+class SSR(RoutingMethod):
+    """Balanced optimal-transport routing on a random share ``p`` of training forwards.
+
+    In training, each model forward draws one coin (``per_layer=True``: one per MoE layer): with
+    probability ``p`` the layer routes by the top-``k`` of the entropic transport plan between
+    the valid tokens and equally loaded experts, with gates renormalised from the plan; otherwise
+    it runs the native router. The model's auxiliary balancing loss is off while patched.
+    At inference the native router runs, unless ``inference="sinkhorn"``.
+
+    Args:
+        p: probability of a Sinkhorn step, in [0, 1]; 1 is full Sinkhorn routing every step.
+        epsilon: entropic regulariser; small (0.05-0.1) for softmax costs, 0.5-1 for logits.
+        cost: ``"softmax"`` (SSR-S: the family's scores, softmax, or sigmoid for DeepSeek-V3) or
+            ``"logits"`` (SSR-L: raw logits).
+        max_iter, tol: iteration cap and row-marginal tolerance.
+        detach: treat the plan as a constant (no gradient through the iterations).
+        noise: standard deviation of Gaussian noise added to the cost (SSR-S with noise).
+        per_layer: one coin per MoE layer instead of one per forward.
+        inference: ``"topk"`` (native) or ``"sinkhorn"`` (the balanced plan in eval mode too).
+        seed: seed of a dedicated coin/noise generator; None draws from torch's global RNG, so
+            ``torch.manual_seed`` (or ``transformers.set_seed``) makes runs repeat.
+        scope: ``"batch"`` (the plan spans the micro-batch's valid tokens, as specified) or
+            ``"sequence"`` (one plan per sequence, so batch-mates do not interact).
+        rescale: on Sinkhorn steps, scale the gates (which sum to 1) to the sum the native router
+            would give the same experts; only differs for routers that do not renormalise.
+
+    Example:
+        >>> import hf_moe_patch as hmp
+        >>> hmp.patch(model, "ssr", p=0.01, seed=0)  # doctest: +SKIP
+    """
+
+    name = "ssr"
+    OPTIONS = {
+        "p": real_in(0.0, 1.0),
+        "epsilon": real_in(0.0, float("inf"), lo_open=True, hi_open=True),
+        "cost": one_of("softmax", "logits"),
+        "max_iter": int_in(1, 100_000),
+        "tol": real_in(0.0, float("inf"), lo_open=True, hi_open=True),
+        "detach": one_of(True, False),
+        "noise": real_in(0.0, float("inf"), hi_open=True),
+        "per_layer": one_of(True, False),
+        "inference": one_of("topk", "sinkhorn"),
+        "seed": Option(
+            lambda v, _: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            "None or a non-negative integer",
+        ),
+        "scope": one_of("batch", "sequence"),
+        "rescale": one_of(True, False),
+    }
+    uses_empty_slots = True  # padding tokens get no expert on Sinkhorn steps
+    uses_coins = True
+    disables_aux_loss = True
+
+    p: float = 0.01
+    epsilon: float = 0.05
+    cost: str = "softmax"
+    max_iter: int = 100
+    tol: float = 1e-4
+    detach: bool = False
+    noise: float = 0.0
+    per_layer: bool = False
+    inference: str = "topk"
+    seed: int | None = None
+    scope: str = "batch"
+    rescale: bool = False
+
+    def __post_init__(self) -> None:
+        self._generator: torch.Generator | None = None
+
+    def _rand(self, n: int) -> torch.Tensor:
+        if self.seed is None:
+            return torch.rand(n)
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(n, generator=self._generator)
+
+    def prepare_step(self, step: StepState, num_layers: int) -> None:
+        step.coins = None
+        if step.training:
+            step.coins = self._rand(num_layers if self.per_layer else 1) < self.p
+        if self.noise > 0:
+            step.seed = int(self._rand(1).item() * 2**31)
+
+    def sinkhorn_now(self, call: RouterCall) -> bool:
+        """Whether this call routes by the plan: a won coin in training, the option at inference."""
+        step = call.step
+        if not step.training:
+            return self.inference == "sinkhorn"
+        if step.coins is None:
+            return False
+        return bool(step.coins[call.layer if self.per_layer else 0])
+
+    def route(self, call: RouterCall) -> RouterOutput:
+        if not self.sinkhorn_now(call):
+            call.info["sinkhorn"] = False
+            return call.native_forward(call.hidden_states)
+        native = call.native
+        logits = call.logits_fn(call.hidden_states)
+        T, N = logits.shape
+        valid, B, L = call.layout(T)
+        cost = native.scores(logits) if self.cost == "softmax" else logits.float()
+        if self.detach:
+            cost = cost.detach()
+        if self.noise > 0:
+            gen = torch.Generator(device=cost.device).manual_seed((step_seed(call) * 1_000_003 + call.layer) % 2**63)
+            cost = cost + self.noise * torch.randn(cost.shape, generator=gen, device=cost.device)
+        if self.scope == "batch":
+            B, L, valid = 1, T, valid.reshape(1, T)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
+            plan = log_sinkhorn(
+                cost.view(B, L, N), valid, epsilon=self.epsilon, max_iter=self.max_iter, tol=self.tol
+            )
+        weights, index = plan_topk_gates(plan.log_plan.view(T, N), native.top_k)
+        if self.rescale and not native.renormalize:
+            weights = weights * native.scores(logits).gather(1, index).sum(dim=-1, keepdim=True)
+        row_valid = valid.reshape(T, 1)
+        index = index.masked_fill(~row_valid, N)
+        weights = weights * row_valid
+        call.info.update(sinkhorn=True, iterations=plan.iterations, row_error=plan.row_error)
+        return logits, native.finish(weights, logits), index
+
+
+def step_seed(call: RouterCall) -> int:
+    """The per-forward noise seed (falls back to the forward index outside a model forward)."""
+    return call.step.seed if call.step.seed is not None else call.step.forward_index
+

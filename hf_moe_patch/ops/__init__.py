@@ -1,0 +1,21 @@
+"""Pure tensor routing functions.
+
+Nothing here imports transformers: every function takes router logits or scores as tensors and
+returns selections, gates or transport plans, so the algorithms can be read, tested and reused
+apart from any model.
+"""
+
+from .scores import unified_score
+from .selection import budget_select, expert_choice_select, selection_to_slots, sequence_budgets
+from .sinkhorn import SinkhornResult, log_sinkhorn, plan_topk_gates
+
+__all__ = [
+    "SinkhornResult",
+    "budget_select",
+    "expert_choice_select",
+    "log_sinkhorn",
+    "plan_topk_gates",
+    "selection_to_slots",
+    "sequence_budgets",
+    "unified_score",
+]

@@ -1,0 +1,116 @@
+"""Selections over the (token, expert) grid: USMoE's global budget and expert choice.
+
+Shapes: ``key`` and ``scores`` are ``(B, L, N)`` (B sequences of L positions, N experts) and
+``valid`` is ``(B, L)`` bool, False on padding. A selection is a ``(B, L, N)`` bool mask; padding
+rows are never selected. Ties are broken by position (earlier token first, then lower expert
+index) through stable sorts, so results are deterministic and do not depend on batch-mates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sequence_budgets(valid_counts: torch.Tensor, budget: float, num_experts: int) -> torch.Tensor:
+    """Cells each sequence may select: ``round(budget * T_valid)``, clamped to ``[1, T_valid * N]``.
+
+    Rounding is to nearest, ties to even (``torch.round``). A sequence with no valid token gets 0.
+
+    Example:
+        >>> sequence_budgets(torch.tensor([3, 0, 4]), 1.5, 8)
+        tensor([4, 0, 6])
+    """
+    counts = valid_counts.to(torch.float64)
+    c = torch.round(counts * float(budget)).to(torch.long)
+    c = torch.minimum(c.clamp_min(1), valid_counts.long() * num_experts)
+    return torch.where(valid_counts > 0, c, torch.zeros_like(c))
+
+
+def budget_select(
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    budget: float,
+    *,
+    min_experts: int = 0,
+) -> torch.Tensor:
+    """Select the ``c`` largest cells of each sequence's ``(T_valid, N)`` grid (USMoE).
+
+    ``c = round(budget * T_valid)`` per sequence (see :func:`sequence_budgets`). To pool the
+    budget over a whole batch, pass ``key`` reshaped to ``(1, B * L, N)``.
+
+    ``min_experts = m`` first gives every valid token its own top-``m`` cells, then spends what is
+    left of the budget on the global ranking, so a sequence selects ``max(c, m * T_valid)`` cells.
+
+    Example:
+        >>> key = torch.tensor([[[0.9, 0.1], [0.5, 0.4]]])   # 1 sequence, 2 tokens, 2 experts
+        >>> budget_select(key, None, budget=1.5).int()       # c = 3: the 3 largest cells
+        tensor([[[1, 0],
+                 [1, 1]]], dtype=torch.int32)
+    """
+    B, L, N = key.shape
+    if valid is None:
+        valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
+    c = sequence_budgets(valid.sum(dim=1), budget, N)
+    ranked = key.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    if min_experts > 0:
+        floor = torch.topk(ranked, min(min_experts, N), dim=-1).indices
+        # +inf puts a token's floor cells ahead of every other cell of the sequence.
+        ranked = ranked.scatter(-1, floor, float("inf")).masked_fill(~valid.unsqueeze(-1), float("-inf"))
+        c = torch.maximum(c, valid.sum(dim=1) * min(min_experts, N))
+    flat = ranked.reshape(B, L * N)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks_taken = torch.arange(L * N, device=key.device).unsqueeze(0) < c.unsqueeze(1)
+    selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, ranks_taken)
+    return selected.view(B, L, N) & valid.unsqueeze(-1)
+
+
+def expert_choice_select(scores: torch.Tensor, valid: torch.Tensor | None, top_k: float) -> torch.Tensor:
+    """Expert choice (Zhou et al. 2022): each expert takes its top ``C`` tokens of a sequence.
+
+    ``C = round(top_k * T_valid / N)`` per sequence, over valid tokens only. A token may end up
+    with no expert or with several.
+
+    Example:
+        >>> s = torch.tensor([[[0.7, 0.3], [0.6, 0.4], [0.1, 0.9]]])  # 3 tokens, 2 experts
+        >>> expert_choice_select(s, None, top_k=1).int()             # C = round(1.5) = 2
+        tensor([[[1, 0],
+                 [1, 1],
+                 [0, 1]]], dtype=torch.int32)
+    """
+    B, L, N = scores.shape
+    if valid is None:
+        valid = torch.ones(B, L, dtype=torch.bool, device=scores.device)
+    t_valid = valid.sum(dim=1).to(torch.float64)
+    capacity = torch.round(t_valid * float(top_k) / N).to(torch.long)
+    ranked = scores.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    order = torch.sort(ranked.transpose(1, 2), dim=2, descending=True, stable=True).indices  # (B, N, L)
+    ranks_taken = torch.arange(L, device=scores.device).view(1, 1, L) < capacity.view(B, 1, 1)
+    selected = torch.zeros(B, N, L, dtype=torch.bool, device=scores.device)
+    selected.scatter_(2, order, ranks_taken.expand(B, N, L))
+    return (selected.transpose(1, 2) & valid.unsqueeze(-1)).contiguous()
+
+
+def selection_to_slots(
+    selected: torch.Tensor, key: torch.Tensor, gates: torch.Tensor, *, min_slots: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a ``(T, N)`` selection into the ``(T, k_max)`` index/weight layout of the experts.
+
+    Slots are ordered by ``key`` (best first). Empty slots carry the sentinel index ``N`` and
+    weight 0, which transformers' experts treat as "no expert" (ROUTING.md section 7).
+
+    Example:
+        >>> sel = torch.tensor([[True, False, True], [False, False, False]])
+        >>> key = torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.2, 0.3]])
+        >>> idx, w = selection_to_slots(sel, key, key)
+        >>> idx
+        tensor([[2, 0],
+                [3, 3]])
+    """
+    num_experts = selected.shape[-1]
+    counts = selected.sum(dim=-1)
+    k_max = max(int(counts.max()) if counts.numel() else 0, min_slots)
+    ranked = key.detach().float().masked_fill(~selected, float("-inf"))
+    index = torch.topk(ranked, k_max, dim=-1).indices
+    real = selected.gather(1, index)
+    weights = gates.gather(1, index) * real
+    return index.masked_fill(~real, num_experts), weights
