@@ -1,0 +1,75 @@
+"""The command line, end to end, in a subprocess as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("sub", [[], ["demo"], ["methods"], ["stats"]])
+def test_help(sub):
+    out = run(*sub, "--help")
+    assert out.returncode == 0 and "usage: hf-moe-patch" in out.stdout
+
+
+def test_methods_lists_options_and_ranges():
+    out = run("methods")
+    assert out.returncode == 0
+    for text in ("usmoe:", "alpha = 0.5", "(a number in [0, 1])", "ssr:", "epsilon = 0.05", "expert_choice:"):
+        assert text in out.stdout
+
+
+def test_demo_writes_table_json_and_plot(tmp_path):
+    out = run("demo", "--batches", "1", "--out", str(tmp_path), "--methods", "topk", "usmoe:top_k=1.0", "expert_choice")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "routing_stats.json").read_text())
+    assert [r["label"] for r in rows] == ["topk", "usmoe:top_k=1.0", "expert_choice"]
+    assert rows[0]["kl_to_native"] == 0.0 and rows[1]["kl_to_native"] > 0
+    assert rows[1]["experts_per_token_mean"] == pytest.approx(1.0, abs=0.02)
+    assert (tmp_path / "routing_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| usmoe:top_k=1.0 |" in out.stdout
+
+
+def test_demo_rejects_bad_options_with_a_clear_message(tmp_path):
+    out = run("demo", "--batches", "1", "--out", str(tmp_path), "--methods", "usmoe:alpha=3")
+    assert out.returncode != 0
+    assert "Invalid value for option 'alpha'" in out.stderr
+
+
+def test_stats_on_a_saved_model_folder(tmp_path):
+    """`stats` loads through from_pretrained, as it would from the Hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_moe_patch.testing import tiny_model
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(124)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tiny_model("mixtral").save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("w1 w2 w3 w4\nw5 w6\nw7 w8 w9 w10 w11 w12\n")
+    out = run("stats", str(tmp_path / "m"), "--texts", str(texts), "--methods", "topk", "usmoe:top_k=1.5",
+              "--out", str(tmp_path / "o"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "o" / "routing_stats.json").read_text())
+    assert rows[0]["layers"][0]["tokens"] == 12  # padding excluded
+    assert rows[1]["experts_per_token_mean"] == pytest.approx(1.5, abs=0.1)
+
+
+def test_example_runs():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "one_call.py"
+    out = subprocess.run([sys.executable, str(example), "--tiny"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "bit-for-bit native again: True" in out.stdout
