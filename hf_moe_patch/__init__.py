@@ -9,11 +9,12 @@ Example:
 
 from .errors import InvalidOptionError, UnsupportedModelError
 from .families import supported_models
+from .hub import from_pretrained, push_to_hub, save_pretrained
 from .methods import METHODS
 from .patching import patch, patched, routing_config, unpatch
 from .stats import RoutingStats, collect_stats
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def supported_methods() -> list[str]:
@@ -27,9 +28,12 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "collect_stats",
+    "from_pretrained",
     "patch",
     "patched",
+    "push_to_hub",
     "routing_config",
+    "save_pretrained",
     "supported_methods",
     "supported_models",
     "unpatch",

@@ -1,4 +1,4 @@
-"""The ``hf-moe-patch`` command line: ``demo``, ``methods``, ``stats``.
+"""The ``hf-moe-patch`` command line: ``demo``, ``methods``, ``stats``, ``push``.
 
 Run ``hf-moe-patch SUBCOMMAND --help`` for each subcommand's options.
 """
@@ -100,6 +100,30 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return _run_comparison(model, batches, _cases(args.methods), Path(args.out), f"Routing of {args.model}")
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import from_pretrained, push_to_hub
+
+    model = from_pretrained(args.path)
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.path)
+    except (OSError, ValueError):
+        logger.info("no tokenizer in %s; pushing the model alone", args.path)
+    stats = json.loads(Path(args.stats_json).read_text()) if args.stats_json else None
+    if isinstance(stats, dict) and "summary" in stats:
+        stats = stats["summary"]
+    results = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
+    info = push_to_hub(
+        model, args.repo_id, tokenizer, private=args.private, commit_message=args.commit_message,
+        token=args.token, revision=args.revision, create_pr=args.create_pr, remote_code=args.remote_code,
+        base_model=args.base_model, stats=stats, eval_results=results,
+    )
+    print(f"pushed {args.path} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-moe-patch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto")
     p.add_argument("--out", default="stats_out")
     p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("push", help="upload a saved patched model (or peft adapter) with its routing and a model card")
+    p.add_argument("path", help="a folder written by save_pretrained / hf_moe_patch.save_pretrained")
+    p.add_argument("repo_id", help="user/name on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", default=None)
+    p.add_argument("--remote-code", action="store_true",
+                   help="also upload code so that trust_remote_code=True loads the routing without hf_moe_patch")
+    p.add_argument("--commit-message")
+    p.add_argument("--revision")
+    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--token", help="defaults to the saved Hugging Face login")
+    p.add_argument("--base-model", help="base_model for the card's metadata (default: config._name_or_path)")
+    p.add_argument("--stats-json", help="routing statistics JSON (RoutingStats.to_json) for the card")
+    p.add_argument("--eval-json", help="{task: score} JSON for the card")
+    p.set_defaults(func=_cmd_push)
     return parser
 
 

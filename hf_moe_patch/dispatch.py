@@ -33,15 +33,22 @@ def pair_dispatch(experts_forward: Callable[..., torch.Tensor], num_experts: int
         real = top_k_index < num_experts
         if bool(real.all()):
             return experts_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        token, slot = real.nonzero(as_tuple=True)  # token-major order
         acc_dtype = torch.float32 if hidden_states.dtype in (torch.float16, torch.bfloat16) else hidden_states.dtype
         out = hidden_states.new_zeros(hidden_states.shape, dtype=acc_dtype)
-        if token.numel() == 0:
+        # Boolean masking lists the real slots token-major (row by row), so each token's pairs
+        # are one contiguous run of length counts[t].
+        pair_index = top_k_index[real].unsqueeze(1)
+        num_pairs = pair_index.shape[0]
+        if num_pairs == 0:
             return out.to(hidden_states.dtype)
-        pair_out = experts_forward(
-            hidden_states[token], top_k_index[token, slot].unsqueeze(1), top_k_weights[token, slot].unsqueeze(1),
-            *args, **kwargs,
+        counts = real.sum(dim=1)
+        # repeat_interleave lays out the same rows as hidden_states[token] but is several times
+        # faster on CPU than advanced indexing (this copy is P x d, the size of the experts' input).
+        pair_hidden = hidden_states.repeat_interleave(counts, dim=0, output_size=num_pairs)
+        token = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(
+            counts, output_size=num_pairs
         )
+        pair_out = experts_forward(pair_hidden, pair_index, top_k_weights[real].unsqueeze(1), *args, **kwargs)
         # Accumulate in float32 like the native kernels' reshape+sum does for half precision.
         return out.index_add_(0, token, pair_out.to(acc_dtype)).to(hidden_states.dtype)
 

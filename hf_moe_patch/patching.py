@@ -30,6 +30,7 @@ from torch import nn
 from .dispatch import pair_dispatch
 from .errors import UnsupportedModelError
 from .families import MoEFamily, family_of
+from .hub import ROUTING_KEY, parse_entry, routing_entry, stored_entry
 from .methods import NativeRouting, RouterCall, RoutingMethod, StepState, build_method
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def swap_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> Cal
     return undo
 
 
-def _router_forward(record: PatchRecord, site: RouterSite, native: NativeRouting) -> Callable[[Callable], Callable]:
+def _router_forward(record: PatchRecord, site: RouterSite) -> Callable[[Callable], Callable]:
     method, family, router = record.method, record.family, site.router
 
     def logits_fn(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -141,6 +142,9 @@ def _router_forward(record: PatchRecord, site: RouterSite, native: NativeRouting
 
     def make(native_forward: Callable) -> Callable:
         def forward(hidden_states: torch.Tensor):
+            # The rule is read per call: parameters and buffers (DeepSeek-V3's correction bias) may
+            # be replaced after patching, e.g. when from_pretrained materialises weights.
+            native = family.native_routing(router)
             call = RouterCall(hidden_states, native, logits_fn, native_forward, record.step, site.layer)
             out = method.route(call)
             router.__dict__[INFO_ATTR] = call.info  # read by the statistics collector
@@ -216,7 +220,8 @@ def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Mod
         model: a supported transformers MoE model (see :func:`supported_models`), possibly
             wrapped by peft or dispatched by accelerate.
         method: ``"topk"``, ``"usmoe"``, ``"expert_choice"`` or ``"ssr"``. None re-applies the
-            routing recorded in ``model.config`` (see :func:`routing_config`).
+            routing recorded in ``model.config.moe_routing`` (written by ``patch``, saved by
+            ``save_pretrained``).
         **options: the method's options (ROUTING.md); unknown names and values outside their
             valid range raise :class:`~hf_moe_patch.InvalidOptionError`.
 
@@ -229,11 +234,10 @@ def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Mod
         >>> hmp.patch(model, "usmoe", top_k=6, alpha=0.5)  # doctest: +SKIP
     """
     if method is None:
-        stored = getattr(getattr(model, "config", None), "moe_routing", None)
-        if not stored:
-            raise ValueError("patch(model) without a method needs a routing recorded in model.config.moe_routing.")
-        stored = dict(stored)
-        method = stored.pop("method")
+        entry = stored_entry(model)
+        if entry is None:
+            raise ValueError(f"patch(model) without a method needs a routing recorded in model.config.{ROUTING_KEY}.")
+        method, stored = parse_entry(entry)
         options = {**stored, **options}
     family, sites, base, routing = _validated(model, method, options)
     previous = find_record(model)
@@ -261,18 +265,27 @@ def _install(model: nn.Module, family: MoEFamily, sites: list[RouterSite], base:
     )
     record.undo.append(handle.remove)
     for site in sites:
-        native = family.native_routing(site.router)
-        record.undo.append(swap_forward(site.router, _router_forward(record, site, native)))
+        record.undo.append(swap_forward(site.router, _router_forward(record, site)))
         record.undo.append(lambda r=site.router: r.__dict__.pop(INFO_ATTR, None))
         if routing.uses_empty_slots and site.experts is not None:
-            n = native.num_experts
+            n = int(site.router.num_experts)
             record.undo.append(swap_forward(site.experts, lambda fwd, n=n: pair_dispatch(fwd, n)))
+    config = getattr(model, "config", None)
+    if config is not None:
+        # The active routing is part of the config, so save_pretrained records it (hub.py).
+        setattr(config, ROUTING_KEY, routing_entry(routing.name, routing.options()))
+        record.undo.append(lambda: _drop_config_key(config))
     if routing.disables_aux_loss:
         for module in model.modules():
             if "router_aux_loss_coef" in module.__dict__:
                 old = module.__dict__["router_aux_loss_coef"]
                 module.router_aux_loss_coef = 0.0
                 record.undo.append(lambda m=module, v=old: setattr(m, "router_aux_loss_coef", v))
+
+
+def _drop_config_key(config: Any) -> None:
+    if hasattr(config, ROUTING_KEY):
+        delattr(config, ROUTING_KEY)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("sub", [[], ["demo"], ["methods"], ["stats"]])
+@pytest.mark.parametrize("sub", [[], ["demo"], ["methods"], ["stats"], ["push"]])
 def test_help(sub):
     out = run(*sub, "--help")
     assert out.returncode == 0 and "usage: hf-moe-patch" in out.stdout
@@ -73,3 +73,28 @@ def test_example_runs():
     out = subprocess.run([sys.executable, str(example), "--tiny"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "bit-for-bit native again: True" in out.stdout
+
+
+def test_push_end_to_end_against_a_local_hub(tmp_path):
+    """`hf-moe-patch push` in a subprocess, HF_ENDPOINT pointed at the local stand-in."""
+    import os
+
+    import hf_moe_patch as hmp
+    from hf_moe_patch.testing import tiny_model
+    from test_hub import LocalHub
+
+    hmp.patch(tiny_model("qwen2_moe"), "usmoe", top_k=1.5).save_pretrained(tmp_path / "m")
+    (tmp_path / "eval.json").write_text(json.dumps({"STSBenchmark": 0.5}))
+    hub = LocalHub()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.port}", "HF_TOKEN": "hf_dummy", "HF_HOME": str(tmp_path / "h")}
+        out = subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", "push", str(tmp_path / "m"), "me/qwen-usmoe",
+                              "--remote-code", "--eval-json", str(tmp_path / "eval.json")],
+                             capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        hub.close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    (commit,) = hub.commits
+    assert {"config.json", "model.safetensors", "README.md", "modeling_hf_moe_patch.py"} <= set(commit["files"])
+    assert json.loads(commit["files"]["config.json"])["moe_routing"]["options"]["top_k"] == 1.5
+    assert "| STSBenchmark | 0.5 |" in commit["files"]["README.md"].decode()

@@ -226,23 +226,12 @@ def test_budget_select_ties_broken_by_position():
     assert torch.equal(budget_select(torch.full((1, 1, 4), 0.5), None, 0.1), _sel([[1, 0, 0, 0]]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: budget_select's min_experts floor uses torch.topk, which does not break ties by "
-    "lower expert index (on CPU it picks expert 2 of 4 equal cells), contrary to the documented "
-    "'ties broken by position ... lower expert index' rule",
-)
 def test_budget_select_min_experts_ties_broken_by_lower_expert():
     # A row of 4 equal cells, c = max(round(0.1), 1) = 1 = floor of 1: expert 0 expected.
     out = budget_select(torch.full((1, 1, 4), 0.5), None, 0.1, min_experts=1)
     assert torch.equal(out, _sel([[1, 0, 0, 0]]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: min_experts floor with ties picks a non-prefix (by expert index) of the token's "
-    "ranking: [0.9, 0.1, 0.1, 0.1] with min_experts=2 selects experts {0, 2}, not {0, 1}",
-)
 def test_budget_select_min_experts_ties_prefix():
     key = torch.tensor([[[0.9, 0.1, 0.1, 0.1]]])
     # c = max(round(1 * 1), 1 * 2) = 2: the floor is the token's top-2 = experts 0 and 1.
@@ -320,6 +309,53 @@ def test_budget_select_total_equals_budget(problem, min_experts):
     # Batch scope: one pooled count.
     pooled = budget_select(key.reshape(1, -1, N), valid.reshape(1, -1), budget, min_experts=min_experts)
     assert int(pooled.sum()) == _expected_count(int(valid.sum()), budget, N, min_experts)
+
+
+def _beats(a: tuple, b: tuple) -> bool:
+    """Cell a = (value, position) ranks before cell b: larger value, or equal value and earlier."""
+    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
+
+
+@HYP
+@given(selection_problems(ties=True))
+def test_budget_select_is_global_top_c_with_position_ties(problem):
+    """Within a sequence, every selected cell ranks before every unselected valid cell, where
+    ranking is by value, then (token, expert) position."""
+    key, valid, budget = problem
+    out = budget_select(key, valid, budget)
+    B, L, N = key.shape
+    for b in range(B):
+        cells = [(float(key[b, t, e]), t * N + e, bool(out[b, t, e])) for t in range(L) if valid[b, t] for e in range(N)]
+        chosen = [c[:2] for c in cells if c[2]]
+        rest = [c[:2] for c in cells if not c[2]]
+        if chosen and rest:
+            worst = min(chosen, key=lambda c: (c[0], -c[1]))
+            best = max(rest, key=lambda c: (c[0], -c[1]))
+            assert _beats(worst, best)
+
+
+@HYP
+@given(selection_problems(ties=True), st.floats(0.05, 1.0))
+def test_expert_choice_select_counts_and_column_ranking(problem, k_frac):
+    key, valid, _ = problem
+    B, L, N = key.shape
+    top_k = k_frac * N
+    out = expert_choice_select(key, valid, top_k)
+    assert not bool((out & ~valid.unsqueeze(-1)).any())
+    for b in range(B):
+        t_valid = int(valid[b].sum())
+        capacity = round(top_k * t_valid / N)  # round half to even, like torch.round
+        for e in range(N):
+            col = [(float(key[b, t, e]), t, bool(out[b, t, e])) for t in range(L) if valid[b, t]]
+            chosen = [c[:2] for c in col if c[2]]
+            rest = [c[:2] for c in col if not c[2]]
+            assert len(chosen) == capacity
+            if chosen and rest:
+                worst = min(chosen, key=lambda c: (c[0], -c[1]))
+                best = max(rest, key=lambda c: (c[0], -c[1]))
+                assert _beats(worst, best)
+        alone = expert_choice_select(key[b : b + 1], valid[b : b + 1], top_k)
+        assert torch.equal(out[b : b + 1], alone)
 
 
 @HYP

@@ -342,13 +342,12 @@ def test_routing_config_lists_every_option_with_defaults():
     assert hmp.supported_models() == ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
 
 
-def test_patch_without_method_reapplies_the_config_routing():
+def test_malformed_config_routing_is_rejected_not_dropped():
     model = tiny_model("olmoe")
-    model.config.moe_routing = {"method": "usmoe", "top_k": 1.5}
-    hmp.patch(model)
-    assert hmp.routing_config(model)["top_k"] == 1.5
-    with pytest.raises(ValueError, match="moe_routing"):
-        hmp.patch(tiny_model("olmoe"))
+    model.config.moe_routing = {"method": "usmoe", "top_k": 1.5}  # options outside "options"
+    with pytest.raises(hmp.InvalidOptionError, match=r"unknown keys \['top_k'\].*belong under 'options'"):
+        hmp.patch(model)
+    assert hmp.routing_config(model) is None
 
 
 def test_unsupported_model_names_the_supported_families():

@@ -78,21 +78,23 @@ class SSR(RoutingMethod):
     rescale: bool = False
 
     def __post_init__(self) -> None:
-        self._generator: torch.Generator | None = None
+        # Coins and noise seeds come from separate streams, so that turning noise on (or an
+        # evaluation forward in between) never shifts the training coins.
+        self._generators: dict[str, torch.Generator] = {}
 
-    def _rand(self, n: int) -> torch.Tensor:
+    def _rand(self, n: int, stream: str) -> torch.Tensor:
         if self.seed is None:
             return torch.rand(n)
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        return torch.rand(n, generator=self._generator)
+        if stream not in self._generators:
+            self._generators[stream] = torch.Generator().manual_seed(self.seed + (stream == "noise"))
+        return torch.rand(n, generator=self._generators[stream])
 
     def prepare_step(self, step: StepState, num_layers: int) -> None:
         step.coins = None
         if step.training:
-            step.coins = self._rand(num_layers if self.per_layer else 1) < self.p
+            step.coins = self._rand(num_layers if self.per_layer else 1, "coins") < self.p
         if self.noise > 0:
-            step.seed = int(self._rand(1).item() * 2**31)
+            step.seed = int(self._rand(1, "noise").item() * 2**31)
 
     def sinkhorn_now(self, call: RouterCall) -> bool:
         """Whether this call routes by the plan: a won coin in training, the option at inference."""
@@ -112,8 +114,6 @@ class SSR(RoutingMethod):
         T, N = logits.shape
         valid, B, L = call.layout(T)
         cost = native.scores(logits) if self.cost == "softmax" else logits.float()
-        if self.detach:
-            cost = cost.detach()
         if self.noise > 0:
             gen = torch.Generator(device=cost.device).manual_seed((step_seed(call) * 1_000_003 + call.layer) % 2**63)
             cost = cost + self.noise * torch.randn(cost.shape, generator=gen, device=cost.device)

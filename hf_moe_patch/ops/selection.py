@@ -3,7 +3,8 @@
 Shapes: ``key`` and ``scores`` are ``(B, L, N)`` (B sequences of L positions, N experts) and
 ``valid`` is ``(B, L)`` bool, False on padding. A selection is a ``(B, L, N)`` bool mask; padding
 rows are never selected. Ties are broken by position (earlier token first, then lower expert
-index) through stable sorts, so results are deterministic and do not depend on batch-mates.
+index), as a stable sort would order them, so results are deterministic and do not depend on
+batch-mates.
 """
 
 from __future__ import annotations
@@ -53,14 +54,12 @@ def budget_select(
     c = sequence_budgets(valid.sum(dim=1), budget, N)
     ranked = key.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
     if min_experts > 0:
-        floor = torch.topk(ranked, min(min_experts, N), dim=-1).indices
+        m = torch.full((B, L), min(min_experts, N), dtype=torch.long, device=key.device)
+        floor = top_count_mask(ranked, m)  # each token's top-m cells, ties to the lower expert
         # +inf puts a token's floor cells ahead of every other cell of the sequence.
-        ranked = ranked.scatter(-1, floor, float("inf")).masked_fill(~valid.unsqueeze(-1), float("-inf"))
+        ranked = ranked.masked_fill(floor, float("inf")).masked_fill(~valid.unsqueeze(-1), float("-inf"))
         c = torch.maximum(c, valid.sum(dim=1) * min(min_experts, N))
-    flat = ranked.reshape(B, L * N)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    ranks_taken = torch.arange(L * N, device=key.device).unsqueeze(0) < c.unsqueeze(1)
-    selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, ranks_taken)
+    selected = top_count_mask(ranked.reshape(B, L * N), c)
     return selected.view(B, L, N) & valid.unsqueeze(-1)
 
 
@@ -83,11 +82,39 @@ def expert_choice_select(scores: torch.Tensor, valid: torch.Tensor | None, top_k
     t_valid = valid.sum(dim=1).to(torch.float64)
     capacity = torch.round(t_valid * float(top_k) / N).to(torch.long)
     ranked = scores.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
-    order = torch.sort(ranked.transpose(1, 2), dim=2, descending=True, stable=True).indices  # (B, N, L)
-    ranks_taken = torch.arange(L, device=scores.device).view(1, 1, L) < capacity.view(B, 1, 1)
-    selected = torch.zeros(B, N, L, dtype=torch.bool, device=scores.device)
-    selected.scatter_(2, order, ranks_taken.expand(B, N, L))
+    # Capacity can exceed T_valid (top_k > N) but never the L positions of the token axis.
+    capacity = capacity.clamp_max(L).view(B, 1).expand(B, N)
+    selected = top_count_mask(ranked.transpose(1, 2), capacity)  # (B, N, L): expert picks tokens
     return (selected.transpose(1, 2) & valid.unsqueeze(-1)).contiguous()
+
+
+def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``count`` largest entries of each row of ``values`` (last dimension).
+
+    ``values`` is ``(..., n)`` float and ``count`` is ``(...)`` integer in ``[0, n]``. Ties are
+    broken by position (lower index first), so the mask is exactly the first ``count`` entries
+    of a stable descending sort; values are assumed free of NaN.
+
+    A full sort of each row is the slow part on CPU (it dominated USMoE's router). Only each
+    row's ``count``-th largest value is needed: one partial top-k finds that threshold, every
+    entry above it is taken, and entries equal to it are taken in position order until the row
+    has ``count``.
+
+    Example:
+        >>> top_count_mask(torch.tensor([[0.1, 0.5, 0.5, 0.9]]), torch.tensor([2])).int()
+        tensor([[0, 1, 0, 1]], dtype=torch.int32)
+    """
+    count = count.long()
+    c_max = int(count.max()) if count.numel() else 0
+    if c_max == 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    ordered = torch.topk(values, c_max, dim=-1).values  # descending
+    threshold = ordered.gather(-1, (count - 1).clamp_min(0).unsqueeze(-1))
+    above = values > threshold
+    tie = values == threshold
+    room = count.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
+    take_tie = tie & (tie.cumsum(dim=-1) <= room)
+    return (above | take_tie) & (count > 0).unsqueeze(-1)
 
 
 def selection_to_slots(
