@@ -31,7 +31,9 @@ class SSR(RoutingMethod):
         per_layer: one coin per MoE layer instead of one per forward.
         inference: ``"topk"`` (native) or ``"sinkhorn"`` (the balanced plan in eval mode too).
         seed: seed of a dedicated coin/noise generator; None draws from torch's global RNG, so
-            ``torch.manual_seed`` (or ``transformers.set_seed``) makes runs repeat.
+            ``torch.manual_seed`` (or ``transformers.set_seed``) makes runs repeat. The generator
+            starts at each ``patch``: patch once per run, not once per step (re-patching with the
+            same seed would draw the same coin every step).
         scope: ``"batch"`` (the plan spans the micro-batch's valid tokens, as specified) or
             ``"sequence"`` (one plan per sequence, so batch-mates do not interact).
         rescale: on Sinkhorn steps, scale the gates (which sum to 1) to the sum the native router
