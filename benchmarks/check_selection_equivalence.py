@@ -16,14 +16,14 @@ Run:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _reference  # noqa: E402
 
 from hf_moe_patch.ops import selection as new
 
@@ -31,20 +31,8 @@ logger = logging.getLogger("check_selection")
 
 
 def load_reference(path: str | None, rev: str = "HEAD"):
-    """The reference module: ``path``, or ``hf_moe_patch/ops/selection.py`` as in git HEAD."""
-    if path is None:
-        root = Path(__file__).resolve().parents[1]
-        text = subprocess.run(
-            ["git", "show", f"{rev}:hf_moe_patch/ops/selection.py"], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
-        tmp = tempfile.NamedTemporaryFile("w", suffix="_selection_ref.py", delete=False)
-        tmp.write(text)
-        tmp.close()
-        path = tmp.name
-    spec = importlib.util.spec_from_file_location("selection_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The reference module: ``path``, or ``hf_moe_patch/ops/selection.py`` as in git ``rev``."""
+    return _reference.load_reference("hf_moe_patch/ops/selection.py", path, rev)
 
 
 def random_case(gen: torch.Generator, with_min_experts: bool = True):

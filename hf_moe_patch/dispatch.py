@@ -17,20 +17,27 @@ from typing import Callable
 import torch
 
 
-def pair_dispatch(experts_forward: Callable[..., torch.Tensor], num_experts: int) -> Callable[..., torch.Tensor]:
-    """Wrap an experts forward ``(hidden (T, d), index (T, K), weights (T, K)) -> (T, d)``.
+class PairDispatch:
+    """Wraps an experts forward ``(hidden (T, d), index (T, K), weights (T, K)) -> (T, d)``.
+
+    An object rather than a closure, so that ``copy.deepcopy`` of a patched model rebinds it to
+    the copy's experts.
 
     Example:
         >>> def experts(h, idx, w):  # expert e multiplies by (e + 1)
         ...     return ((idx.float() + 1) * w).sum(-1, keepdim=True) * h
-        >>> f = pair_dispatch(experts, num_experts=2)
+        >>> f = PairDispatch(experts, num_experts=2)
         >>> f(torch.ones(2, 1), torch.tensor([[0, 1], [1, 2]]), torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
         tensor([[1.5000],
                 [2.0000]])
     """
 
-    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs):
-        real = top_k_index < num_experts
+    def __init__(self, experts_forward: Callable[..., torch.Tensor], num_experts: int) -> None:
+        self.experts_forward, self.num_experts = experts_forward, num_experts
+
+    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs):
+        experts_forward = self.experts_forward
+        real = top_k_index < self.num_experts
         if bool(real.all()):
             return experts_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         acc_dtype = torch.float32 if hidden_states.dtype in (torch.float16, torch.bfloat16) else hidden_states.dtype
@@ -52,4 +59,7 @@ def pair_dispatch(experts_forward: Callable[..., torch.Tensor], num_experts: int
         # Accumulate in float32 like the native kernels' reshape+sum does for half precision.
         return out.index_add_(0, token, pair_out.to(acc_dtype)).to(hidden_states.dtype)
 
-    return forward
+
+def pair_dispatch(experts_forward: Callable[..., torch.Tensor], num_experts: int) -> PairDispatch:
+    """Wrap an experts forward in a :class:`PairDispatch`."""
+    return PairDispatch(experts_forward, num_experts)

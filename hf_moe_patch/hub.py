@@ -106,28 +106,47 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
         Path(save_directory, ROUTING_FILE).write_text(json.dumps(entry, indent=2) + "\n")
 
 
-def _adapter_routing(path: str, **hub_kwargs: Any) -> dict[str, Any] | None:
-    if os.path.isdir(path):
-        file = Path(path, ROUTING_FILE)
-        return json.loads(file.read_text()) if file.exists() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+_HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only")
 
+
+def _hub_file(repo_id: str, filename: str, **hub_kwargs: Any) -> Path | None:
+    """A file of a Hub repo, from the local cache when it is there; None if the repo has no such
+    file. Raises when that cannot be known (offline and not cached), so that a routing is never
+    dropped without a word."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    cache_kwargs = {k: hub_kwargs[k] for k in ("revision", "cache_dir") if k in hub_kwargs}
+    cached = try_to_load_from_cache(repo_id, filename, **cache_kwargs)
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is not None:  # the cache knows the file does not exist in the repo
+        return None
     try:
-        return json.loads(Path(hf_hub_download(path, ROUTING_FILE, **hub_kwargs)).read_text())
+        return Path(hf_hub_download(repo_id, filename, **hub_kwargs))
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: test it first
+        raise OSError(
+            f"Cannot tell whether {repo_id} has {filename}: it is not in the local cache and the Hub cannot be "
+            f"reached. Download the repository once online (or pass a local folder)."
+        ) from exc
     except EntryNotFoundError:
         return None
+
+
+def _adapter_routing(path: str, **hub_kwargs: Any) -> dict[str, Any] | None:
+    file = Path(path, ROUTING_FILE) if os.path.isdir(path) else _hub_file(path, ROUTING_FILE, **hub_kwargs)
+    return json.loads(file.read_text()) if file is not None and file.exists() else None
 
 
 def _is_adapter(path: str, **hub_kwargs: Any) -> bool:
     if os.path.isdir(path):
         return Path(path, "adapter_config.json").exists()
-    from huggingface_hub import file_exists
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        return file_exists(path, "adapter_config.json", **hub_kwargs)
-    except Exception:  # offline or private: let the plain loader give the real error
-        return False
+    cache_kwargs = {k: hub_kwargs[k] for k in ("revision", "cache_dir") if k in hub_kwargs}
+    if isinstance(try_to_load_from_cache(path, "config.json", **cache_kwargs), str):
+        return False  # a full model (also offline, where an absent adapter_config.json is unknowable)
+    return _hub_file(path, "adapter_config.json", **hub_kwargs) is not None
 
 
 def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, model_class: Any = None, **kwargs: Any) -> nn.Module:
@@ -146,7 +165,7 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *model_arg
     from .patching import patch
 
     path = str(pretrained_model_name_or_path)
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "token") if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in _HUB_ARGS if k in kwargs}
     if model_class is None and _is_adapter(path, **hub_kwargs):
         from peft import AutoPeftModelForCausalLM
 
@@ -189,6 +208,8 @@ def model_card(
     method, options = entry["method"], entry["options"]
     config = getattr(model, "config", None)
     base_model = base_model or getattr(config, "_name_or_path", None) or None
+    if base_model and os.path.isdir(base_model):
+        base_model = None  # a local path says nothing to readers on the Hub
     peft = _is_peft(model)
     tags = ["moe", "hf_moe_patch", method.replace("_", "-")]
     if getattr(config, "model_type", None):
@@ -196,7 +217,7 @@ def model_card(
     if peft:
         tags.append("peft")
     data = ModelCardData(
-        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        base_model=base_model,
         library_name="peft" if peft else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
@@ -204,7 +225,8 @@ def model_card(
     lines = [
         f"# {repo_id}",
         "",
-        f"{'A peft adapter for' if peft else 'The weights of'} `{base_model or 'a ' + type(model).__name__}` "
+        f"{'A peft adapter for' if peft else 'The weights of'} "
+        f"{f'`{base_model}`' if base_model else 'a ' + type(getattr(model, 'get_base_model', lambda: model)()).__name__} "
         f"with its Mixture-of-Experts routing replaced by **{method}**, "
         f"patched with [hf_moe_patch](https://pypi.org/project/hf-moe-patch/) {entry.get('version', __version__)}.",
         "",
@@ -215,7 +237,7 @@ def model_card(
         f"| method | `{method}` |",
         *[f"| {key} | `{value!r}` |" for key, value in options.items()],
         "",
-        f"The routing is stored in `{'moe_routing.json' if peft else 'config.json'}` under `{ROUTING_KEY}`.",
+        f"The routing is stored in `moe_routing.json`." if peft else f"The routing is stored in `config.json` under `{ROUTING_KEY}`.",
     ]
     if stats is not None:
         summary = stats.summary() if hasattr(stats, "summary") else dict(stats)

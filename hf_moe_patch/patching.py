@@ -7,7 +7,7 @@ One mechanism serves every family and method:
   stay native); accelerate's hooks, when present, are kept by swapping the ``_old_forward`` they
   call instead of ``forward``;
 * for methods that give tokens a variable number of experts, the experts module's forward is
-  wrapped by :func:`~hf_moe_patch.dispatch.pair_dispatch`;
+  wrapped by :class:`~hf_moe_patch.dispatch.PairDispatch`;
 * a forward pre-hook on the decoder stack records, once per model forward, the batch layout and
   attention mask (routers only see flattened tokens) and lets the method draw per-forward
   randomness (SSR's coins);
@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .dispatch import pair_dispatch
+from .dispatch import PairDispatch
 from .errors import UnsupportedModelError
 from .families import MoEFamily, family_of
 from .hub import ROUTING_KEY, parse_entry, routing_entry, stored_entry
-from .methods import NativeRouting, RouterCall, RoutingMethod, StepState, build_method
+from .methods import RouterCall, RoutingMethod, StepState, build_method
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PatchRecord:
     method: RoutingMethod
     step: StepState
     sites: list[RouterSite]
-    undo: list[Callable[[], None]] = field(default_factory=list)
+    undo: list[Any] = field(default_factory=list)  # objects with an undo() method, in install order
 
     def config(self) -> dict[str, Any]:
         return {"method": self.method.name, **self.method.options()}
@@ -67,14 +67,20 @@ class PatchRecord:
 
 
 def find_sites(model: nn.Module, family: MoEFamily) -> list[RouterSite]:
-    """All routers of ``family`` in ``model`` (through peft wrappers), in module order."""
+    """All routers of ``family`` in ``model`` (through peft wrappers), in module order.
+
+    The experts module is looked up on the nearest ancestor that has one: with a LoRA on the
+    router (peft ``target_parameters``), the router's parent is peft's wrapper, not the MoE block.
+    """
     router_type = family.router_type
     modules = dict(model.named_modules())
     sites = []
     for name, module in modules.items():
         if isinstance(module, router_type):
-            parent = modules.get(name.rpartition(".")[0])
-            experts = getattr(parent, family.experts_attr, None) if parent is not None else None
+            experts, parent_name = None, name
+            while parent_name and experts is None:
+                parent_name = parent_name.rpartition(".")[0]
+                experts = getattr(modules.get(parent_name), family.experts_attr, None)
             sites.append(RouterSite(name, module, experts, len(sites)))
     return sites
 
@@ -103,56 +109,102 @@ def layer_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-# --- forward swapping ------------------------------------------------------------------------
+# --- undo records ----------------------------------------------------------------------------
+#
+# Everything a patch installs is an object, not a closure: ``copy.deepcopy`` copies objects along
+# with the modules they refer to, so a deep copy of a patched model (a reference model, an EMA copy)
+# routes with its own weights and unpatches itself, not the original. Closures would be shared.
 
 
-def swap_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> Callable[[], None]:
-    """Replace ``module``'s forward by ``make(current_forward)``; return the undo function.
+@dataclass
+class ForwardSwap:
+    """A module's forward replaced in place; ``undo`` puts the previous one back.
 
     With accelerate's hooks (``device_map`` dispatch, offloading) ``module.forward`` is the hook
     and ``module._old_forward`` the real forward it calls: the swap happens there, so the hook
     keeps moving tensors between devices.
     """
-    slot = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
-    had_instance_attr = slot in module.__dict__
-    current = getattr(module, slot)
-    new = make(current)
-    setattr(module, slot, new)
 
-    def undo() -> None:
-        if module.__dict__.get("_old_forward") is new:
+    module: nn.Module
+    slot: str
+    had_instance_attr: bool
+    previous: Callable
+    new: Callable
+
+    @classmethod
+    def install(cls, module: nn.Module, make: Callable[[Callable], Callable]) -> "ForwardSwap":
+        slot = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+        previous = getattr(module, slot)
+        swap = cls(module, slot, slot in module.__dict__, previous, make(previous))
+        setattr(module, slot, swap.new)
+        return swap
+
+    def undo(self) -> None:
+        module = self.module
+        if module.__dict__.get("_old_forward") is self.new:
             # Hooks were added (or kept) around the patched forward: restore under them.
-            module._old_forward = current
-        elif module.__dict__.get("forward") is new:
-            if had_instance_attr or slot == "_old_forward":
-                module.forward = current
+            module._old_forward = self.previous
+        elif module.__dict__.get("forward") is self.new:
+            if self.had_instance_attr or self.slot == "_old_forward":
+                module.forward = self.previous
             else:
                 del module.forward  # the class's own forward again, exactly
         else:
             logger.warning("forward of %s was replaced by someone else; leaving it", type(module).__name__)
 
-    return undo
+
+@dataclass
+class AttrRestore:
+    """An attribute set by the patch; ``undo`` restores its previous value or absence."""
+
+    obj: Any
+    name: str
+    had: bool
+    value: Any = None
+
+    @classmethod
+    def set(cls, obj: Any, name: str, value: Any) -> "AttrRestore":
+        record = cls(obj, name, hasattr(obj, name), getattr(obj, name, None))
+        setattr(obj, name, value)
+        return record
+
+    def undo(self) -> None:
+        if self.had:
+            setattr(self.obj, self.name, self.value)
+        elif hasattr(self.obj, self.name):
+            delattr(self.obj, self.name)
 
 
-def _router_forward(record: PatchRecord, site: RouterSite) -> Callable[[Callable], Callable]:
-    method, family, router = record.method, record.family, site.router
+@dataclass
+class PreHookRemoval:
+    """A forward pre-hook; removed by id (a RemovableHandle would point at the original's dict)."""
 
-    def logits_fn(hidden_states: torch.Tensor) -> torch.Tensor:
-        return family.logits(router, hidden_states)
+    module: nn.Module
+    hook_id: int
 
-    def make(native_forward: Callable) -> Callable:
-        def forward(hidden_states: torch.Tensor):
-            # The rule is read per call: parameters and buffers (DeepSeek-V3's correction bias) may
-            # be replaced after patching, e.g. when from_pretrained materialises weights.
-            native = family.native_routing(router)
-            call = RouterCall(hidden_states, native, logits_fn, native_forward, record.step, site.layer)
-            out = method.route(call)
-            router.__dict__[INFO_ATTR] = call.info  # read by the statistics collector
-            return out
+    def undo(self) -> None:
+        self.module._forward_pre_hooks.pop(self.hook_id, None)
+        self.module._forward_pre_hooks_with_kwargs.pop(self.hook_id, None)
 
-        return forward
 
-    return make
+class PatchedRouterForward:
+    """The forward installed on each router: hands the call to the routing method."""
+
+    def __init__(self, record: PatchRecord, site: RouterSite, native_forward: Callable) -> None:
+        self.record, self.router, self.layer, self.native_forward = record, site.router, site.layer, native_forward
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.record.family.logits(self.router, hidden_states)
+
+    def __call__(self, hidden_states: torch.Tensor):
+        record = self.record
+        # The rule is read per call: parameters and buffers (DeepSeek-V3's correction bias) may be
+        # replaced after patching, e.g. when from_pretrained materialises weights.
+        native = record.family.native_routing(self.router)
+        call = RouterCall(hidden_states, native, self.logits, self.native_forward, record.step, self.layer)
+        out = record.method.route(call)
+        self.router.__dict__[INFO_ATTR] = call.info  # read by the statistics collector
+        return out
 
 
 # --- the per-forward layout hook -----------------------------------------------------------
@@ -164,21 +216,41 @@ def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
     return args[position] if len(args) > position else None
 
 
-def valid_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """``(B, L)`` bool of the current tokens from a 2-D attention mask (the last ``L`` columns:
-    with a KV cache the mask covers past and current tokens). Other mask forms give None (all
-    tokens valid)."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] < seq_len:
-        if attention_mask is not None and attention_mask.dim() != 2:
-            logger.debug("attention mask of shape %s is not 2-D: all tokens routed as valid", attention_mask.shape)
+def valid_mask(attention_mask: Any, seq_len: int, past_length: int = 0) -> torch.Tensor | None:
+    """``(B, L)`` bool of the current tokens' validity (False on padding), or None if unknown.
+
+    - 2-D masks (the usual ``attention_mask``): the last ``L`` columns (with a KV cache the mask
+      covers past and current tokens).
+    - 4-D masks ``(B, 1, L, K)`` (static caches, custom masks), boolean or additive: a padding
+      token may not attend to its own key, so each query's entry at its own key slot
+      (``past_length + q``) tells whether it is real.
+    - dicts of masks per attention type (GPT-OSS): the full-attention mask.
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if not isinstance(attention_mask, torch.Tensor):
         return None
-    return attention_mask[:, -seq_len:].bool()
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -seq_len:].bool() if attention_mask.shape[1] >= seq_len else None
+    if attention_mask.dim() == 4 and attention_mask.shape[2] == seq_len and attention_mask.shape[3] >= past_length + seq_len:
+        q = torch.arange(seq_len, device=attention_mask.device)
+        own = attention_mask[:, 0, q, past_length + q]
+        if own.dtype == torch.bool:
+            return own
+        return own > torch.finfo(own.dtype).min / 2  # additive masks: 0 allowed, very negative masked
+    logger.debug("attention mask of shape %s not understood: all tokens routed as valid", tuple(attention_mask.shape))
+    return None
 
 
-def layout_hook(step: StepState, prepare: Callable[[StepState], None] | None) -> Callable:
-    """A forward pre-hook for the decoder stack that records the batch layout into ``step``."""
+class LayoutHook:
+    """Forward pre-hook on the decoder stack: records the batch layout into ``step`` once per model
+    forward, and lets the method draw per-forward randomness (SSR's coins)."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __init__(self, step: StepState, method: RoutingMethod | None = None, num_layers: int = 0) -> None:
+        self.step, self.method, self.num_layers = step, method, num_layers
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        step = self.step
         input_ids = _arg(args, kwargs, "input_ids", 0)
         embeds = kwargs.get("inputs_embeds")
         shape = input_ids.shape if input_ids is not None else embeds.shape[:2] if embeds is not None else None
@@ -187,13 +259,13 @@ def layout_hook(step: StepState, prepare: Callable[[StepState], None] | None) ->
             step.valid = None
         else:
             step.batch_size, step.seq_len = int(shape[0]), int(shape[1])
-            step.valid = valid_mask(_arg(args, kwargs, "attention_mask", 1), step.seq_len)
+            cache = _arg(args, kwargs, "past_key_values", 3)
+            past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+            step.valid = valid_mask(_arg(args, kwargs, "attention_mask", 1), step.seq_len, past)
         step.training = module.training
         step.forward_index += 1
-        if prepare is not None:
-            prepare(step)
-
-    return hook
+        if self.method is not None:
+            self.method.prepare_step(step, self.num_layers)
 
 
 # --- public verbs ----------------------------------------------------------------------------
@@ -248,44 +320,32 @@ def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Mod
     except Exception:
         unpatch(model)
         if previous is not None:
-            _install(model, previous.family, previous.sites, find_base_model(model, previous.family), previous.method)
+            _reinstall(model, previous)
         raise
     logger.info("patched %d %s routers with %s", len(sites), family.name, routing.name)
     return model
 
 
 def _install(model: nn.Module, family: MoEFamily, sites: list[RouterSite], base: nn.Module, routing: RoutingMethod) -> None:
-    step = StepState()
-    record = PatchRecord(family, routing, step, sites)
-    base.__dict__[RECORD_ATTR] = record
-    record.undo.append(lambda: base.__dict__.pop(RECORD_ATTR, None))
-    num_layers = len(sites)
-    handle = base.register_forward_pre_hook(
-        layout_hook(step, lambda s: routing.prepare_step(s, num_layers)), with_kwargs=True
-    )
-    record.undo.append(handle.remove)
+    record = PatchRecord(family, routing, StepState(), sites)
+    undo = record.undo
+    undo.append(AttrRestore.set(base, RECORD_ATTR, record))
+    handle = base.register_forward_pre_hook(LayoutHook(record.step, routing, len(sites)), with_kwargs=True)
+    undo.append(PreHookRemoval(base, handle.id))
     for site in sites:
-        record.undo.append(swap_forward(site.router, _router_forward(record, site)))
-        record.undo.append(lambda r=site.router: r.__dict__.pop(INFO_ATTR, None))
+        undo.append(ForwardSwap.install(site.router, lambda previous, site=site: PatchedRouterForward(record, site, previous)))
+        undo.append(AttrRestore(site.router, INFO_ATTR, had=False))
         if routing.uses_empty_slots and site.experts is not None:
             n = int(site.router.num_experts)
-            record.undo.append(swap_forward(site.experts, lambda fwd, n=n: pair_dispatch(fwd, n)))
+            undo.append(ForwardSwap.install(site.experts, lambda previous, n=n: PairDispatch(previous, n)))
     config = getattr(model, "config", None)
     if config is not None:
         # The active routing is part of the config, so save_pretrained records it (hub.py).
-        setattr(config, ROUTING_KEY, routing_entry(routing.name, routing.options()))
-        record.undo.append(lambda: _drop_config_key(config))
+        undo.append(AttrRestore.set(config, ROUTING_KEY, routing_entry(routing.name, routing.options())))
     if routing.disables_aux_loss:
         for module in model.modules():
             if "router_aux_loss_coef" in module.__dict__:
-                old = module.__dict__["router_aux_loss_coef"]
-                module.router_aux_loss_coef = 0.0
-                record.undo.append(lambda m=module, v=old: setattr(m, "router_aux_loss_coef", v))
-
-
-def _drop_config_key(config: Any) -> None:
-    if hasattr(config, ROUTING_KEY):
-        delattr(config, ROUTING_KEY)
+                undo.append(AttrRestore.set(module, "router_aux_loss_coef", 0.0))
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -300,31 +360,34 @@ def unpatch(model: nn.Module) -> nn.Module:
     if record is None:
         logger.info("unpatch: %s is not patched", type(model).__name__)
         return model
-    for undo in reversed(record.undo):
-        undo()
+    for step in reversed(record.undo):
+        step.undo()
     record.undo.clear()
     return model
 
 
 @contextlib.contextmanager
 def patched(model: nn.Module, method: str, **options: Any) -> Iterator[nn.Module]:
-    """Patch for the duration of a ``with`` block; the previous routing returns on exit, also on
-    error.
+    """Patch for the duration of a ``with`` block; on exit, also on error, the model returns to
+    exactly what it was: native, or its previous patch (the same method object, so a seeded
+    SSR coin sequence carries on where it was).
 
     Example:
         >>> with hmp.patched(model, "ssr", p=0.01):  # doctest: +SKIP
         ...     trainer.train()
     """
-    previous = routing_config(model)
+    previous = find_record(model)
     patch(model, method, **options)
     try:
         yield model
     finally:
-        if previous is None:
-            unpatch(model)
-        else:
-            prev = dict(previous)
-            patch(model, prev.pop("method"), **prev)
+        unpatch(model)
+        if previous is not None:
+            _reinstall(model, previous)
+
+
+def _reinstall(model: nn.Module, record: PatchRecord) -> None:
+    _install(model, record.family, find_sites(model, record.family), find_base_model(model, record.family), record.method)
 
 
 def routing_config(model: nn.Module) -> dict[str, Any] | None:

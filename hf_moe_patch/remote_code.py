@@ -102,6 +102,8 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> Path:
     """
     base = getattr(model, "get_base_model", lambda: model)()
     base_cls = type(base)
+    if base_cls.__name__ == CLASS_NAME:  # loaded through this remote code: subclass its transformers class
+        base_cls = base_cls.__mro__[1]
     folder = Path(folder)
     code = _TEMPLATE.format(
         version=__version__, base_module=base_cls.__module__, base_name=base_cls.__name__,

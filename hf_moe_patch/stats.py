@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +18,7 @@ from torch import nn
 
 from .families import family_of
 from .methods import StepState
-from .patching import INFO_ATTR, RouterSite, find_base_model, find_record, find_sites, layer_number, layout_hook
+from .patching import INFO_ATTR, RECORD_ATTR, LayoutHook, RouterSite, find_base_model, find_record, find_sites, layer_number
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -124,7 +123,7 @@ class RoutingStats:
         self.layers = layers
         self.method = method
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         """Means over layers of the scalar statistics, plus totals of Sinkhorn steps."""
         dicts = [layer.to_dict() for layer in self.layers]
         keys = ("experts_per_token_mean", "maxvio_top1", "maxvio", "cv", "router_entropy")
@@ -133,7 +132,8 @@ class RoutingStats:
         out["tokens_without_expert_frac"] = sum(d["tokens_without_expert"] for d in dicts) / max(tokens, 1)
         out["sinkhorn_steps"] = sum(d["sinkhorn_steps"] for d in dicts)
         iters = [i for d in dicts for i in d["sinkhorn_iterations"]]
-        out["sinkhorn_iterations_mean"] = sum(iters) / len(iters) if iters else math.nan
+        # None, not NaN, when no Sinkhorn step ran: NaN is not valid JSON.
+        out["sinkhorn_iterations_mean"] = sum(iters) / len(iters) if iters else None
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,12 +162,11 @@ def collect_stats(model: nn.Module) -> Iterator[RoutingStats]:
     family = family_of(model)
     record = find_record(model)
     sites: list[RouterSite] = record.sites if record is not None else find_sites(model, family)
-    handles = []
-    if record is not None:
-        step = record.step
-    else:  # unpatched: record the layout ourselves
-        step = StepState()
-        handles.append(find_base_model(model, family).register_forward_pre_hook(layout_hook(step, None), with_kwargs=True))
+    base = find_base_model(model, family)
+    # Our own layout record, used while the model is not patched; a patch (also one made inside
+    # the block) keeps its own, which the hooks look up on every call.
+    own_step = StepState()
+    handles = [base.register_forward_pre_hook(LayoutHook(own_step), with_kwargs=True)]
     layers = []
     for site in sites:
         layer = LayerStats(site.name, layer_number(site.name), int(site.router.num_experts))
@@ -175,7 +174,8 @@ def collect_stats(model: nn.Module) -> Iterator[RoutingStats]:
 
         def hook(module: nn.Module, args: tuple, output: tuple, layer: LayerStats = layer) -> None:
             logits, weights, index = output[0], output[1], output[2]
-            valid = step.valid
+            active = base.__dict__.get(RECORD_ATTR)
+            valid = (active.step if active is not None else own_step).valid
             if valid is not None and valid.numel() != index.shape[0]:
                 valid = None
             layer.update(logits, weights, index, valid, module.__dict__.get(INFO_ATTR, {}))

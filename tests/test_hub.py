@@ -311,3 +311,87 @@ def test_push_adapter_and_refusals(tmp_path, hub):
     meta, body = _card(files)
     assert meta["library_name"] == "peft" and "peft" in meta["tags"] and "usmoe" in meta["tags"]
     assert "native** routing" in body
+
+
+# --- regressions found in review ----------------------------------------------------------------
+
+
+def test_repushing_a_model_loaded_with_remote_code_writes_working_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_moe_patch.remote_code import write_remote_code
+
+    model = hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5)
+    model.save_pretrained(tmp_path / "a")
+    write_remote_code(model, tmp_path / "a")
+    os.environ.setdefault("HF_HOME", str(tmp_path / "hf_home"))
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    assert type(remote).__name__ == "HfMoePatchForCausalLM"
+    remote.save_pretrained(tmp_path / "b")
+    code = write_remote_code(remote, tmp_path / "b").read_text()
+    assert "from transformers.models.olmoe.modeling_olmoe import OlmoeForCausalLM" in code
+    assert "transformers_modules" not in code
+
+
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import hf_moe_patch as hmp
+    try:
+        model = hmp.from_pretrained(sys.argv[2], cache_dir=sys.argv[1])
+    except OSError as exc:
+        print("OSError:", exc)
+    else:
+        print(type(model).__name__, hmp.routing_config(model)["method"])
+    """
+)
+
+
+@pytest.mark.parametrize("with_routing_file", [True, False])
+def test_hub_adapter_from_the_offline_cache_keeps_its_routing_or_says_why_not(tmp_path, with_routing_file):
+    from peft import LoraConfig, get_peft_model
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(hmp.from_pretrained(tmp_path / "base"), LoraConfig(r=2, target_modules=["q_proj"]))
+    hmp.save_pretrained(hmp.patch(peft_model, "expert_choice"), tmp_path / "adapter")
+    # the layout huggingface_hub gives a downloaded repo in its cache
+    snapshot = tmp_path / "cache" / "models--me--adapter" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "cache" / "models--me--adapter" / "refs").mkdir()
+    (tmp_path / "cache" / "models--me--adapter" / "refs" / "main").write_text("a" * 40)
+    for file in (tmp_path / "adapter").iterdir():
+        if file.name != ROUTING_FILE or with_routing_file:
+            (snapshot / file.name).write_bytes(file.read_bytes())
+    # and a full model, cached as snapshot_download leaves it (no marker for absent files)
+    full = tmp_path / "cache" / "models--me--full" / "snapshots" / ("b" * 40)
+    hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5).save_pretrained(full)
+    (tmp_path / "cache" / "models--me--full" / "refs").mkdir()
+    (tmp_path / "cache" / "models--me--full" / "refs" / "main").write_text("b" * 40)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    outputs = []
+    for repo in ("me/adapter", "me/full"):
+        run = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(tmp_path / "cache"), repo], capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(run.stdout)
+    if with_routing_file:
+        assert outputs[0].split() == ["PeftModelForCausalLM", "expert_choice"]
+    else:  # unknown whether the repo records a routing: an error, not native routing
+        assert outputs[0].startswith("OSError: Cannot tell whether me/adapter has moe_routing.json")
+    assert outputs[1].split() == ["OlmoeForCausalLM", "usmoe"]
+
+
+def test_card_texts_for_adapters_and_local_base_paths(tmp_path):
+    from huggingface_hub import ModelCard
+    from peft import LoraConfig, get_peft_model
+
+    from hf_moe_patch.hub import model_card
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "local_base")
+    model = hmp.patch(hmp.from_pretrained(tmp_path / "local_base"), "usmoe")
+    card = ModelCard(model_card(model, "me/m"))
+    assert "local_base" not in card.content and card.data.base_model is None
+    assert "The weights of a OlmoeForCausalLM" in card.text
+    adapter = hmp.patch(get_peft_model(hmp.unpatch(model), LoraConfig(r=2, target_modules=["q_proj"])), "usmoe")
+    text = model_card(adapter, "me/a", base_model="allenai/OLMoE-1B-7B-0924")
+    assert "The routing is stored in `moe_routing.json`." in text and "A peft adapter for `allenai/OLMoE-1B-7B-0924`" in text

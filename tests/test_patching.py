@@ -371,7 +371,7 @@ def test_unsupported_model_names_the_supported_families():
         ("usmoe", {"alpah": 0.5}, r"Unknown option 'alpah'.*'alpha'"),
         ("expert_choice", {"top_k": -2}, r"'top_k'.*-2"),
         ("ssr", {"p": 2}, r"'p'.*2.*\[0, 1\]"),
-        ("ssr", {"epsilon": 0}, r"'epsilon'.*0.*\(0, inf\)"),
+        ("ssr", {"epsilon": 0}, r"'epsilon'.*0.*\[0.0001, inf\)"),
         ("ssr", {"cost": "l2"}, r"'cost'.*'l2'"),
         ("ssr", {"max_iter": 0}, r"'max_iter'.*0"),
         ("ssr", {"detach": "yes"}, r"'detach'.*'yes'"),
@@ -398,3 +398,94 @@ def test_upstream_batched_mm_still_rejects_sentinels():
     index = torch.tensor([[0, 8], [1, 2]])
     with pytest.raises(IndexError):
         experts(torch.randn(2, 32), index, torch.rand(2, 2))
+
+
+# --- regressions found in review ----------------------------------------------------------------
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    import copy
+
+    model = hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.layers[0].mlp.gate.weight.mul_(-1.0)  # only the copy's router changes
+    ids, mask = batch()
+    before = logits_of(model, ids, mask)
+    # the copy routes with its own (changed) router weights ...
+    assert not torch.equal(logits_of(clone, ids, mask), before)
+    reference = hmp.patch(copy.deepcopy(hmp.unpatch(copy.deepcopy(clone))), "usmoe", top_k=1.5)
+    assert torch.equal(logits_of(clone, ids, mask), logits_of(reference, ids, mask))
+    # ... and unpatching it leaves the original patched
+    hmp.unpatch(clone)
+    assert hmp.routing_config(clone) is None and hmp.routing_config(model)["top_k"] == 1.5
+    assert "forward" in model.model.layers[0].mlp.gate.__dict__
+    assert "forward" not in clone.model.layers[0].mlp.gate.__dict__
+    assert torch.equal(logits_of(model, ids, mask), before)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_static_cache_generation_reads_padding_from_4d_and_dict_masks(family):
+    model = hmp.patch(tiny_model(family), "usmoe", top_k=2)
+    ids, _ = batch(seed=4, batch_size=2, seq_len=6)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding
+    with hmp.collect_stats(model) as stats:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                             cache_implementation="static")
+    assert out.shape == (2, 9)
+    # prefill: 6 + 4 real tokens (padding takes no budget); then 2 decode steps of 2 tokens
+    assert stats.layers[0].tokens == 10 + 2 * 2
+
+
+def test_valid_mask_from_4d_masks():
+    from hf_moe_patch.patching import valid_mask
+
+    allowed = torch.tril(torch.ones(3, 3, dtype=torch.bool)).expand(2, 1, 3, 3).clone()
+    allowed[1, :, :, 0] = False  # sequence 1: position 0 is padding (no query may attend to it)
+    assert valid_mask(allowed, 3).tolist() == [[True, True, True], [False, True, True]]
+    additive = torch.zeros(2, 1, 3, 3).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    assert valid_mask(additive, 3).tolist() == [[True, True, True], [False, True, True]]
+    assert valid_mask({"full_attention": additive, "sliding_attention": None}, 3).tolist()[1] == [False, True, True]
+    # decode with a cache of 2 past tokens: the query's own key is slot 2
+    decode = torch.zeros(2, 1, 1, 5)
+    decode[1, 0, 0, 2] = torch.finfo(torch.float32).min
+    assert valid_mask(decode, 1, past_length=2).tolist() == [[True], [False]]
+    assert valid_mask(torch.zeros(2, 1, 4, 4), 3) is None  # shape does not match: unknown
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
+def test_lora_on_the_router_keeps_the_pair_dispatch(impl):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("olmoe", experts_implementation=impl)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=["mlp.gate.weight"]))
+    hmp.patch(peft_model, "usmoe", top_k=1.5)
+    sites = find_sites(peft_model, family_of(peft_model))
+    assert all(site.experts is not None for site in sites)
+    ids, mask = batch(pad_from={1: 5})
+    assert torch.isfinite(logits_of(peft_model, ids, mask)).all()
+
+
+def test_patched_block_continues_the_previous_seeded_coin_sequence_and_restores_config():
+    def coins(model, n):
+        out = []
+        for _ in range(n):
+            with torch.no_grad(), hmp.collect_stats(model) as stats:
+                model(input_ids=batch(batch_size=1, seq_len=4)[0])
+            out.append(stats.layers[0].sinkhorn_steps)
+        return out
+
+    straight = hmp.patch(tiny_model("olmoe"), "ssr", p=0.5, seed=7).train()
+    expected = coins(straight, 8)
+    model = hmp.patch(tiny_model("olmoe"), "ssr", p=0.5, seed=7).train()
+    first = coins(model, 4)
+    with hmp.patched(model, "usmoe"):
+        pass
+    assert first + coins(model, 4) == expected
+
+    native = tiny_model("olmoe")
+    native.config.moe_routing = {"stale": True}  # whatever was there before
+    with hmp.patched(native, "usmoe"):
+        assert native.config.moe_routing["method"] == "usmoe"
+    assert native.config.moe_routing == {"stale": True}

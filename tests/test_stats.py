@@ -84,3 +84,20 @@ def test_ssr_sinkhorn_balances_top1_choices():
     assert ssr_stats.summary()["maxvio_top1"] < native_stats.summary()["maxvio_top1"]
     assert ssr_stats.summary()["maxvio_top1"] < 0.15
     assert ssr_stats.summary()["sinkhorn_steps"] == 2
+
+
+def test_json_has_no_nan_without_sinkhorn_steps(tmp_path):
+    model = tiny_model("olmoe")
+    with torch.no_grad(), hmp.collect_stats(model) as stats:
+        model(input_ids=batch()[0])
+    assert stats.summary()["sinkhorn_iterations_mean"] is None
+    json.loads(stats.to_json(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+
+
+def test_patching_inside_the_collector_still_skips_padding():
+    model = hmp.patch(tiny_model("olmoe"), "expert_choice")
+    ids, mask = batch(batch_size=2, seq_len=8, pad_from={1: 4})
+    with torch.no_grad(), hmp.collect_stats(model) as stats:
+        hmp.patch(model, "usmoe")  # a new patch, with its own layout record
+        model(input_ids=ids, attention_mask=mask)
+    assert stats.layers[0].tokens == 12

@@ -62,7 +62,9 @@ class StepState:
     """Per-forward facts shared by all routers of one model, set once per model forward.
 
     Gradient checkpointing recomputes layers after the forward has returned; since these facts
-    stay until the next forward, the recomputation routes exactly as the first pass did.
+    stay until the next forward, the recomputation routes exactly as the first pass did, provided
+    each forward's backward runs before the next forward (as in every usual training loop). Two
+    forwards followed by one backward would recompute the first with the second's facts.
 
     Attributes:
         valid: ``(B, L)`` bool mask of real (non-padding) tokens of this forward, or None.
@@ -168,13 +170,13 @@ def one_of(*choices: Any) -> Option:
     return Option(check, "one of " + ", ".join(repr(c) for c in choices))
 
 
-def experts_budget(*, allow_zero: bool = False) -> Option:
+def experts_budget() -> Option:
     """A (possibly fractional) number of experts per token in ``(0, N]``; None means native k."""
 
     def check(v: Any, native: NativeRouting) -> bool:
         if v is None:
             return True
-        return _is_real(v) and v == v and (v >= 0 if allow_zero else v > 0) and v <= native.num_experts
+        return _is_real(v) and v == v and 0 < v <= native.num_experts
 
     return Option(check, lambda n: f"None (the native k={n.top_k}) or a number in (0, {n.num_experts}] (N experts)")
 
@@ -200,7 +202,6 @@ class RoutingMethod:
     name: ClassVar[str]
     OPTIONS: ClassVar[dict[str, Option]] = {}
     uses_empty_slots: ClassVar[bool] = False
-    uses_coins: ClassVar[bool] = False
     disables_aux_loss: ClassVar[bool] = False
 
     @classmethod

@@ -47,7 +47,8 @@ class SSR(RoutingMethod):
     name = "ssr"
     OPTIONS = {
         "p": real_in(0.0, 1.0),
-        "epsilon": real_in(0.0, float("inf"), lo_open=True, hi_open=True),
+        # Below 1e-4, cost / epsilon overflows float32 for logit costs.
+        "epsilon": real_in(1e-4, float("inf"), hi_open=True),
         "cost": one_of("softmax", "logits"),
         "max_iter": int_in(1, 100_000),
         "tol": real_in(0.0, float("inf"), lo_open=True, hi_open=True),
@@ -56,14 +57,13 @@ class SSR(RoutingMethod):
         "per_layer": one_of(True, False),
         "inference": one_of("topk", "sinkhorn"),
         "seed": Option(
-            lambda v, _: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-            "None or a non-negative integer",
+            lambda v, _: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 - 1),
+            "None or an integer in [0, 2**63 - 2]",
         ),
         "scope": one_of("batch", "sequence"),
         "rescale": one_of(True, False),
     }
     uses_empty_slots = True  # padding tokens get no expert on Sinkhorn steps
-    uses_coins = True
     disables_aux_loss = True
 
     p: float = 0.01
@@ -80,8 +80,9 @@ class SSR(RoutingMethod):
     rescale: bool = False
 
     def __post_init__(self) -> None:
-        # Coins and noise seeds come from separate streams, so that turning noise on (or an
-        # evaluation forward in between) never shifts the training coins.
+        # With a seed, coins and noise seeds come from separate streams, so that turning noise on
+        # (or an evaluation forward in between) never shifts the training coins. Without one,
+        # both draw from torch's global RNG, like dropout.
         self._generators: dict[str, torch.Generator] = {}
 
     def _rand(self, n: int, stream: str) -> torch.Tensor:
