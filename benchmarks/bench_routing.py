@@ -47,6 +47,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 logger = logging.getLogger("bench_routing")
 
 HIDDEN = 256
+NOTES_HEADING = "## Notes"
 SEQ = 256  # router section: T tokens are laid out as T / SEQ sequences of SEQ tokens
 ROUTER_SHAPES = [(8, 2), (60, 4), (64, 8)]  # (experts, top-k): Mixtral, Qwen1.5-MoE, OLMoE
 ROUTER_TOKENS = [512, 4096, 16384]
@@ -592,7 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+        # Hand-written notes (from a "## Notes" heading on) survive a re-run.
+        old = args.out.read_text() if args.out.exists() else ""
+        notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
+        args.out.write_text(report + "\n" + ("\n" + notes if notes else ""))
         logger.info("wrote %s", args.out)
     if e2e_runs:
         for desc, ratio, threshold, met in target_rows(e2e_runs[0]):
