@@ -2,8 +2,8 @@
 
 One mechanism serves every family and method:
 
-* each router module's forward is swapped, per instance, for a closure that hands the call to
-  the routing method (the MoE block, its experts kernels and ``output_router_logits`` recording
+* each router module's forward is swapped, per instance, for a :class:`PatchedRouterForward`
+  that hands the call to the routing method (the MoE block, its experts kernels and ``output_router_logits`` recording
   stay native); accelerate's hooks, when present, are kept by swapping the ``_old_forward`` they
   call instead of ``forward``;
 * for methods that give tokens a variable number of experts, the experts module's forward is
@@ -13,7 +13,8 @@ One mechanism serves every family and method:
   randomness (SSR's coins);
 * methods that replace auxiliary balancing set ``router_aux_loss_coef`` to 0 while patched.
 
-Everything needed to undo this is kept in a :class:`PatchRecord` on the decoder stack module.
+Everything needed to undo this is kept in a :class:`PatchRecord` on the decoder stack module, as
+objects (not closures), so that a deep copy of a patched model is a patched model of its own.
 """
 
 from __future__ import annotations
