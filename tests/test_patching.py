@@ -489,3 +489,24 @@ def test_patched_block_continues_the_previous_seeded_coin_sequence_and_restores_
     with hmp.patched(native, "usmoe"):
         assert native.config.moe_routing["method"] == "usmoe"
     assert native.config.moe_routing == {"stale": True}
+
+
+@pytest.mark.parametrize("patch_first", [True, False])
+@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
+def test_lora_on_fused_experts_trains_through_the_pair_dispatch(patch_first, impl):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("olmoe", experts_implementation=impl)
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    if patch_first:
+        peft_model = get_peft_model(hmp.patch(model, "usmoe", top_k=1.5), config)
+    else:
+        peft_model = hmp.patch(get_peft_model(model, config), "usmoe", top_k=1.5)
+    ids, mask = batch(pad_from={1: 5})
+    peft_model.train()
+    out = peft_model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    expert_lora = [p for n, p in peft_model.named_parameters() if "lora" in n and "experts" in n]
+    assert expert_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert_lora)
+    assert hmp.routing_config(peft_model.merge_and_unload())["top_k"] == 1.5
