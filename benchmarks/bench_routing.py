@@ -9,9 +9,10 @@ too, but only ratios are comparable across machines.
 
 Sections:
 
-1. ``router``: the router module's forward alone on random hidden states, for the
-   (experts N, top-k) pairs of Mixtral (8, 2), Qwen1.5-MoE (60, 4) and OLMoE (64, 8), each at
-   T = 512, 4096 and 16384 tokens laid out as sequences of 256. Inference variants run under
+1. ``router``: the router module's forward alone on random hidden states, for every N experts
+   in 8, 60, 64 with every top-k in 2, 4, 8 (``--router-grid models``: only the pairs of Mixtral
+   (8, 2), Qwen1.5-MoE (60, 4) and OLMoE (64, 8)), each at T = 512, 4096 and 16384 tokens laid
+   out as sequences of 256. Inference variants run under
    ``torch.no_grad``; SSR at p=1 runs in a training forward with autograd recording and is
    compared with the native router under the same conditions.
 2. ``e2e``: a whole small OLMoE-shaped model (hidden 256, 64 experts, top-8, expert FFN 128,
@@ -50,6 +51,12 @@ HIDDEN = 256
 NOTES_HEADING = "## Notes"
 SEQ = 256  # router section: T tokens are laid out as T / SEQ sequences of SEQ tokens
 ROUTER_SHAPES = [(8, 2), (60, 4), (64, 8)]  # (experts, top-k): Mixtral, Qwen1.5-MoE, OLMoE
+ROUTER_EXPERTS, ROUTER_TOPK = [8, 60, 64], [2, 4, 8]  # the full grid: every N with every k
+
+
+def router_shapes(grid: str) -> list[tuple[int, int]]:
+    """(N, k) pairs of the router section: the three models' own, or every N with every k."""
+    return ROUTER_SHAPES if grid == "models" else [(n, k) for n in ROUTER_EXPERTS for k in ROUTER_TOPK]
 ROUTER_TOKENS = [512, 4096, 16384]
 INFO_ATTR = "_hf_moe_patch_info"  # what a patched router reports about its last call
 
@@ -205,7 +212,7 @@ def _resolve(options: dict, k: int) -> dict:
 def bench_router(args, bar: tqdm) -> list[dict]:
     rows = []
     tokens = [512] if args.quick else ROUTER_TOKENS
-    for num_experts, k in ROUTER_SHAPES:
+    for num_experts, k in router_shapes(args.router_grid):
         for T in tokens:
             logger.info("router: T=%d N=%d k=%d", T, num_experts, k)
             ids = torch.randint(3, 128, (T // SEQ, SEQ), generator=torch.Generator().manual_seed(args.seed))
@@ -446,7 +453,7 @@ def render(args, info: dict, router_rows: list[dict], e2e_runs: list[dict], elap
             f"Router forward on random hidden states (d={HIDDEN}), T tokens as T/{SEQ} sequences of {SEQ}; "
             f"{args.router_repeats} rounds after {args.warmup} warm-up rounds, each sample the mean of `calls` calls. "
             "Inference variants under `torch.no_grad` vs `native`; `ssr p=1` with autograd recording in a "
-            "training forward vs `native (train, grad)`. Shapes: (N, k) of Mixtral, Qwen1.5-MoE and OLMoE, each at every T.",
+            "training forward vs `native (train, grad)`. Shapes: " + ("every N in 8, 60, 64 with every k in 2, 4, 8" if args.router_grid == "full" else "(N, k) of Mixtral, Qwen1.5-MoE and OLMoE") + ", each at every T.",
             "",
             "| T | N | k | calls | native ms | " + " | ".join(labels[1:]) + " | Sinkhorn iters |",
             "|---|---|---|---|---|" + "---|" * (len(labels) - 1) + "---|",
@@ -538,6 +545,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sections", default="router,e2e,impls", help="comma-separated subset of router,e2e,impls")
     parser.add_argument("--router-repeats", type=int, default=9, help="timed rounds per router shape")
+    parser.add_argument(
+        "--router-grid", choices=["full", "models"], default="full",
+        help="router section: every N in 8, 60, 64 with every k in 2, 4, 8 (full), or only the (N, k) of "
+        "Mixtral, Qwen1.5-MoE and OLMoE (models)",
+    )
     parser.add_argument("--e2e-repeats", type=int, default=25, help="timed rounds end to end (grouped_mm, eager)")
     parser.add_argument(
         "--batched-mm-repeats", type=int, default=3, help="timed rounds for batched_mm (seconds per forward on CPU; one warm-up round)"
@@ -568,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s, %s cores, torch threads %d, load %s", info["cpu"], info["cores"], args.threads, _load(info["load_before"]))
     sections = args.sections.split(",")
 
-    router_count = len(ROUTER_SHAPES) * (1 if args.quick else len(ROUTER_TOKENS)) * len(ROUTER_VARIANTS) * args.router_repeats
+    router_count = len(router_shapes(args.router_grid)) * (1 if args.quick else len(ROUTER_TOKENS)) * len(ROUTER_VARIANTS) * args.router_repeats
     total = (router_count if "router" in sections else 0)
     total += len(E2E_VARIANTS) * args.e2e_repeats if "e2e" in sections else 0
     if "impls" in sections:
