@@ -109,15 +109,23 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
 _HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only")
 
 
+def _cached(repo_id: str, filename: str, **hub_kwargs: Any) -> Any:
+    """``huggingface_hub.try_to_load_from_cache`` with the applicable loading arguments: a path
+    (str) when cached, a sentinel when the cache knows the file is absent, None when unknown."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_kwargs = {k: hub_kwargs[k] for k in ("revision", "cache_dir") if k in hub_kwargs}
+    return try_to_load_from_cache(repo_id, filename, **cache_kwargs)
+
+
 def _hub_file(repo_id: str, filename: str, **hub_kwargs: Any) -> Path | None:
     """A file of a Hub repo, from the local cache when it is there; None if the repo has no such
     file. Raises when that cannot be known (offline and not cached), so that a routing is never
     dropped without a word."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    cache_kwargs = {k: hub_kwargs[k] for k in ("revision", "cache_dir") if k in hub_kwargs}
-    cached = try_to_load_from_cache(repo_id, filename, **cache_kwargs)
+    cached = _cached(repo_id, filename, **hub_kwargs)
     if isinstance(cached, str):
         return Path(cached)
     if cached is not None:  # the cache knows the file does not exist in the repo
@@ -141,10 +149,7 @@ def _adapter_routing(path: str, **hub_kwargs: Any) -> dict[str, Any] | None:
 def _is_adapter(path: str, **hub_kwargs: Any) -> bool:
     if os.path.isdir(path):
         return Path(path, "adapter_config.json").exists()
-    from huggingface_hub import try_to_load_from_cache
-
-    cache_kwargs = {k: hub_kwargs[k] for k in ("revision", "cache_dir") if k in hub_kwargs}
-    if isinstance(try_to_load_from_cache(path, "config.json", **cache_kwargs), str):
+    if isinstance(_cached(path, "config.json", **hub_kwargs), str):
         return False  # a full model (also offline, where an absent adapter_config.json is unknowable)
     return _hub_file(path, "adapter_config.json", **hub_kwargs) is not None
 

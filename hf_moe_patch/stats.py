@@ -18,7 +18,7 @@ from torch import nn
 
 from .families import family_of
 from .methods import StepState
-from .patching import INFO_ATTR, RECORD_ATTR, LayoutHook, RouterSite, find_base_model, find_record, find_sites, layer_number
+from .patching import INFO_ATTR, RECORD_ATTR, LayoutHook, find_base_model, find_record, find_sites, layer_number
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -161,7 +161,7 @@ def collect_stats(model: nn.Module) -> Iterator[RoutingStats]:
     """
     family = family_of(model)
     record = find_record(model)
-    sites: list[RouterSite] = record.sites if record is not None else find_sites(model, family)
+    sites = find_sites(model, family)
     base = find_base_model(model, family)
     # Our own layout record, used while the model is not patched; a patch (also one made inside
     # the block) keeps its own, which the hooks look up on every call.

@@ -51,14 +51,15 @@ def budget_select(
     B, L, N = key.shape
     if valid is None:
         valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
-    c = sequence_budgets(valid.sum(dim=1), budget, N)
+    t_valid = valid.sum(dim=1)
+    c = sequence_budgets(t_valid, budget, N)
     ranked = key.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
     if min_experts > 0:
-        m = torch.full((B, L), min(min_experts, N), dtype=torch.long, device=key.device)
-        floor = top_count_mask(ranked, m)  # each token's top-m cells, ties to the lower expert
-        # +inf puts a token's floor cells ahead of every other cell of the sequence.
+        m = min(min_experts, N)
+        floor = top_count_mask(ranked, torch.full((B, L), m, dtype=torch.long, device=key.device))
+        # Each token's top-m cells (ties to the lower expert) get +inf, ahead of every other cell.
         ranked = ranked.masked_fill(floor, float("inf")).masked_fill(~valid.unsqueeze(-1), float("-inf"))
-        c = torch.maximum(c, valid.sum(dim=1) * min(min_experts, N))
+        c = torch.maximum(c, t_valid * m)
     selected = top_count_mask(ranked.reshape(B, L * N), c)
     return selected.view(B, L, N) & valid.unsqueeze(-1)
 
