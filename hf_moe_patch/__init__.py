@@ -17,17 +17,40 @@ from .stats import RoutingStats, collect_stats
 from .version import __version__
 
 
+# Imported on first use: they pull in mteb, which takes seconds to import.
+_LAZY = {
+    "MoEEncoder": "moee",
+    "to_sentence_transformer": "moee",
+    "evaluate_routings": "evaluation",
+    "wordnet_tasks": "wordnet_tasks",
+    "Corruption": "corruption",
+    "demo_model_path": "demo_model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def supported_methods() -> list[str]:
     """The routing method names that :func:`patch` accepts."""
     return list(METHODS)
 
 
 __all__ = [
+    "Corruption",
     "InvalidOptionError",
+    "MoEEncoder",
     "RoutingStats",
     "UnsupportedModelError",
     "__version__",
     "collect_stats",
+    "demo_model_path",
+    "evaluate_routings",
     "from_pretrained",
     "patch",
     "patched",
@@ -36,5 +59,7 @@ __all__ = [
     "save_pretrained",
     "supported_methods",
     "supported_models",
+    "to_sentence_transformer",
     "unpatch",
+    "wordnet_tasks",
 ]

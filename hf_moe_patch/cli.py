@@ -1,4 +1,4 @@
-"""The ``hf-moe-patch`` command line: ``demo``, ``methods``, ``stats``, ``push``.
+"""The ``hf-moe-patch`` command line: ``demo``, ``mteb``, ``train-demo``, ``methods``, ``stats``, ``push``.
 
 Run ``hf-moe-patch SUBCOMMAND --help`` for each subcommand's options.
 """
@@ -22,6 +22,35 @@ DEFAULT_CASES = [
     "expert_choice",
     "ssr:inference=sinkhorn",
 ]
+# The main job: native and fractional USMoE budgets (multiples of the native k), expert choice,
+# and SSR's balanced plan at inference. SSR's plan is per sequence here so that an embedding never
+# depends on its batch-mates (its default, scope=batch, spans the micro-batch).
+DEMO_CASES = [
+    "topk",
+    "usmoe",
+    "usmoe:top_k=0.75x",
+    "usmoe:top_k=0.5x",
+    "expert_choice",
+    "ssr:inference=sinkhorn,scope=sequence",
+]
+
+
+def split_methods(items: Sequence[str]) -> list[str]:
+    """Method specs from command-line words, each word a spec or a comma-separated list of specs;
+    a ``key=value`` piece without a method name belongs to the spec before it.
+
+    Example:
+        >>> split_methods(["topk,usmoe:top_k=1.5,scope=batch,expert_choice", "ssr"])
+        ['topk', 'usmoe:top_k=1.5,scope=batch', 'expert_choice', 'ssr']
+    """
+    specs: list[str] = []
+    for item in items:
+        for piece in filter(None, (p.strip() for p in item.split(","))):
+            if "=" in piece and ":" not in piece and specs:
+                specs[-1] += ("," if ":" in specs[-1] else ":") + piece
+            else:
+                specs.append(piece)
+    return specs
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -40,10 +69,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cases(texts: Sequence[str]):
-    from .report import parse_case
+def _cases(model, texts: Sequence[str]):
+    """Routing cases from command-line words; ``top_k`` may be a multiple of the native k."""
+    from .evaluation import expand_cases
 
-    return [parse_case(t) for t in texts]
+    return expand_cases(split_methods(texts), int(model.config.num_experts_per_tok))
 
 
 def _run_comparison(model, batches, cases, out_dir: Path, title: str) -> int:
@@ -60,24 +90,80 @@ def _run_comparison(model, batches, cases, out_dir: Path, title: str) -> int:
     return 0
 
 
+def _load(model: str, revision: str | None, dtype: str, device: str | None):
+    """Model and tokenizer from a Hub id or folder; ``demo`` is the shipped demo model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .demo_model import demo_model_path
+
+    path = str(demo_model_path()) if model == "demo" else model
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+    if device:
+        loaded.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded.eval(), tokenizer
+
+
+def _evaluate(args: argparse.Namespace, model, tokenizer, title: str):
+    from .corruption import parse_corruption
+    from .evaluation import evaluate_routings
+    from .wordnet_tasks import WORDNET_TASKS
+
+    tasks = split_methods(args.tasks) if args.tasks else list(WORDNET_TASKS)
+    report = evaluate_routings(
+        model, tokenizer, split_methods(args.methods), tasks, embedding=args.embedding, prompt=args.prompt,
+        instruction=args.instruction, sum_weight=args.sum_weight, batch_size=args.batch_size,
+        max_length=args.max_length, top_k=split_methods(args.top_k) if args.top_k else None,
+        corruption=parse_corruption(args.corrupt), cache_dir=args.cache_dir, out_dir=args.out,
+        overwrite=args.overwrite, title=title,
+        wordnet_kwargs={"path": args.wordnet, "split": args.wordnet_split,
+                        "sizes": json.loads(args.wordnet_sizes) if args.wordnet_sizes else None},
+    )
+    print(f"\n{title}\n\n{report.to_markdown()}\n")
+    print(f"wrote {Path(args.out) / 'mteb_comparison.md'}, .json and .png")
+    return report
+
+
+def _cmd_mteb(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args.model, args.revision, args.dtype, args.device)
+    title = f"MTEB ({args.embedding}, prompt {args.prompt}) of {args.model} under each routing"
+    if args.corrupt:
+        title += f", texts corrupted with {args.corrupt}"
+    _evaluate(args, model, tokenizer, title)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .testing import tiny_model
+    from .demo_model import corpus
+    from .wordnet import load_wordnet
 
-    # initializer_range 0.1 (not 0.02) so that the experts visibly move the predictions.
-    model = tiny_model(args.model_type, seed=args.seed, hidden_size=64, num_hidden_layers=4, initializer_range=0.1,
-                       **({"num_experts": 16, "num_experts_per_tok": 4} if args.model_type == "olmoe" else {}))
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(args.batches):
-        ids = torch.randint(3, model.config.vocab_size, (4, 64), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[1, 48:] = 0  # one right-padded sequence: padding takes no experts and is not counted
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    title = (f"Routing on a randomly initialised tiny {args.model_type} "
-             f"({model.config.num_hidden_layers} layers; demo model of issue 3 pending)")
-    return _run_comparison(model, batches, _cases(args.methods), Path(args.out), title)
+    model, tokenizer = _load("demo", None, "float32", None)
+    title = (f"MTEB ({args.embedding}, prompt {args.prompt}) of the shipped WordNet demo model "
+             f"(OLMoE architecture, {model.config.num_experts} experts, top-{model.config.num_experts_per_tok}) under each routing")
+    _evaluate(args, model, tokenizer, title)
+    # Routing statistics on held-out WordNet text (no padding: one packed block per row).
+    texts = corpus(load_wordnet(args.wordnet), "heldout")[: args.stats_texts]
+    ids = torch.tensor([i for doc in tokenizer(texts)["input_ids"] for i in doc])
+    n = len(ids) // 128
+    batches = [{"input_ids": block, "attention_mask": torch.ones_like(block)} for block in ids[: n * 128].view(n, 128).split(8)]
+    return _run_comparison(model, batches, _cases(model, args.methods), Path(args.out),
+                           "Routing statistics of the demo model on held-out WordNet text")
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from .demo_model import DemoTrainingArgs, train_demo_model
+
+    train_args = DemoTrainingArgs(arch=args.arch, seed=args.seed, steps=args.steps)
+    out = train_demo_model(args.out, train_args)
+    print((out / "README.md").read_text())
+    return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -97,7 +183,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         enc = tokenizer(texts[i:i + args.batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=args.max_length)
         batches.append({k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")})
-    return _run_comparison(model, batches, _cases(args.methods), Path(args.out), f"Routing of {args.model}")
+    return _run_comparison(model, batches, _cases(model, args.methods), Path(args.out), f"Routing of {args.model}")
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -135,13 +221,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     method_help = ("routings to compare, each METHOD[:key=value,...] with JSON values, e.g. "
                    "'usmoe:top_k=1.5,scope=batch' (default: %(default)s)")
-    p = sub.add_parser("demo", help="patch a locally built tiny model with each method and compare routing statistics")
-    p.add_argument("--model-type", default="olmoe", choices=["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
-    p.add_argument("--methods", nargs="+", default=DEFAULT_CASES, help=method_help)
-    p.add_argument("--batches", type=int, default=4, help="batches of 4 x 64 random tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="demo_out", help="folder for the JSON, markdown table and PNG plot")
+    def add_eval_options(p: argparse.ArgumentParser, methods: list[str]) -> None:
+        p.add_argument("--methods", nargs="+", default=methods,
+                       help="routings, comma-separated or space-separated, each METHOD[:key=value,...] "
+                            "(JSON values; top_k may be a multiple of the native k such as 0.75x); "
+                            "default: %(default)s")
+        p.add_argument("--top-k", nargs="+", help="budgets to sweep for every method with a top_k option that "
+                                                  "does not set it, e.g. 1x 0.75x 0.5x or 4 3")
+        p.add_argument("--tasks", nargs="+", help="mteb task names (default: the local WordNet tasks); MTEB "
+                                                  "tasks download when online")
+        p.add_argument("--embedding", default="moee_sum", choices=["hs", "rw", "moee_concat", "moee_sum"])
+        p.add_argument("--prompt", default="prompteol", choices=["none", "prompteol"])
+        p.add_argument("--instruction", help="a task instruction put before every text, or 'task' for mteb's own")
+        p.add_argument("--sum-weight", type=float, default=1.0, help="w in cos(hs) + w cos(rw) for moee_sum")
+        p.add_argument("--corrupt", help="corrupt every task text: KIND:RATE[:SEED], KIND junk or char, "
+                                         "e.g. junk:0.1 (see hf_moe_patch.corruption)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--max-length", type=int, default=512)
+        p.add_argument("--cache-dir", default="mteb_cache", help="mteb result cache (one entry per routing and settings)")
+        p.add_argument("--overwrite", action="store_true", help="recompute cached results")
+        p.add_argument("--wordnet", help="folder of WordNet's data.* files (default: /usr/share/wordnet)")
+        p.add_argument("--wordnet-split", default="heldout", choices=["heldout", "train", "all"],
+                       help="WordNet synsets the local tasks draw from (heldout: words the demo model never saw)")
+        p.add_argument("--wordnet-sizes", help="JSON overrides of the local tasks' sizes, e.g. "
+                                               "'{\"WordNetWuPalmerSTS\": {\"n_pairs\": 200}}'")
+
+    p = sub.add_parser("demo", help="the main job on the shipped demo model: MTEB WordNet tasks and routing "
+                                    "statistics under each routing, with tables and plots")
+    add_eval_options(p, DEMO_CASES)
+    p.add_argument("--stats-texts", type=int, default=2000, help="held-out WordNet documents for the routing statistics")
+    p.add_argument("--out", default="demo_out", help="folder for the JSON, markdown tables and PNG plots")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("mteb", help="MTEB evaluation of a model's MoE embeddings (MoEE) under each routing")
+    p.add_argument("model", nargs="?", default="demo", help="Hub id, local folder, or 'demo' (default)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else float32), float32, bfloat16")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: where from_pretrained puts it)")
+    add_eval_options(p, ["topk", "usmoe", "expert_choice"])
+    p.add_argument("--out", default="mteb_out")
+    p.set_defaults(func=_cmd_mteb)
+
+    p = sub.add_parser("train-demo", help="pretrain the demo model on WordNet from nothing (about 30 min on 2 CPU cores)")
+    p.add_argument("--arch", default="olmoe", choices=["olmoe", "mixtral"])
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the package's shipped assets folder)")
+    p.set_defaults(func=_cmd_train_demo)
 
     p = sub.add_parser("stats", help="routing statistics of a pretrained model (Hub id or local path) on texts")
     p.add_argument("model", help="e.g. allenai/OLMoE-1B-7B-0924 or a local folder")

@@ -286,6 +286,16 @@ def _validated(model: nn.Module, method: str, options: dict[str, Any]):
     return family, sites, base, routing
 
 
+def check_routing(model: nn.Module, method: str, **options: Any) -> None:
+    """Raise what :func:`patch` would raise for this routing, without changing ``model``.
+
+    Example:
+        >>> hmp.check_routing(model, "usmoe", alpha=3)  # doctest: +SKIP
+        InvalidOptionError: Invalid value for option 'alpha' of usmoe: 3 ...
+    """
+    _validated(model, method, options)
+
+
 def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Module:
     """Replace the routing of every MoE layer of ``model`` in place and return ``model``.
 

@@ -127,6 +127,13 @@ def plot_load(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axes[0].set(title="Expert load (sorted, / mean), mean over layers", xlabel="expert rank", ylabel="load / mean load")
     axes[1].set(title="Experts per token", xlabel="experts", ylabel="share of tokens")
     axes[1].legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG to ``path`` (creating folders) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

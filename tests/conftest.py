@@ -51,3 +51,27 @@ def capture_routing(model):
         for site in find_sites(model, family_of(model))
     ]
     return records, handles
+
+
+WORDNET_FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "wordnet"
+TINY_DEMO = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 num_experts=4, num_experts_per_tok=2, block_size=32, batch_size=8, eval_blocks=8, warmup_steps=5)
+# Sizes of the local WordNet tasks that the fixture database can fill.
+SMALL_TASKS = {
+    "WordNetLexnameClassification": {"train_per_label": 2, "test_per_label": 3},
+    "WordNetSameLemmaPairClassification": {"n_pairs": 30},
+    "WordNetWuPalmerSTS": {"n_pairs": 40},
+    "WordNetExampleRetrieval": {"n_queries": 30, "n_corpus": 80},
+    "WordNetLexnameClustering": {"per_label": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A tiny demo model pretrained by the real pipeline on the WordNet fixture: (folder, args)."""
+    from hf_moe_patch.demo_model import DemoTrainingArgs, train_demo_model
+    from hf_moe_patch.wordnet import load_wordnet
+
+    args = DemoTrainingArgs(steps=60, learning_rate=1e-2, **TINY_DEMO)
+    out = tmp_path_factory.mktemp("demo") / "model"
+    return train_demo_model(out, args, wordnet=load_wordnet(WORDNET_FIXTURE), progress=False), args

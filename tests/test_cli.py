@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
+from conftest import SMALL_TASKS, WORDNET_FIXTURE
+
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("sub", [[], ["demo"], ["methods"], ["stats"], ["push"]])
+@pytest.mark.parametrize("sub", [[], ["demo"], ["mteb"], ["train-demo"], ["methods"], ["stats"], ["push"]])
 def test_help(sub):
     out = run(*sub, "--help")
     assert out.returncode == 0 and "usage: hf-moe-patch" in out.stdout
@@ -26,21 +28,50 @@ def test_methods_lists_options_and_ranges():
         assert text in out.stdout
 
 
-def test_demo_writes_table_json_and_plot(tmp_path):
-    out = run("demo", "--batches", "1", "--out", str(tmp_path), "--methods", "topk", "usmoe:top_k=1.0", "expert_choice")
+SMALL_SIZES = json.dumps(SMALL_TASKS)
+
+
+def test_mteb_end_to_end_on_a_saved_model(tiny_demo, tmp_path):
+    """`mteb MODEL` loads through from_pretrained, sweeps fractional budgets, corrupts texts."""
+    path, _ = tiny_demo
+    out = run("mteb", str(path), "--methods", "topk,usmoe", "--top-k", "1x", "0.5x", "--tasks", "WordNetWuPalmerSTS",
+              "--wordnet", str(WORDNET_FIXTURE), "--wordnet-sizes", SMALL_SIZES, "--corrupt", "junk:0.2",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr
-    rows = json.loads((tmp_path / "routing_stats.json").read_text())
-    assert [r["label"] for r in rows] == ["topk", "usmoe:top_k=1.0", "expert_choice"]
+    data = json.loads((tmp_path / "out" / "mteb_comparison.json").read_text())
+    assert [r["label"] for r in data["runs"]] == ["topk", "usmoe:top_k=1x", "usmoe:top_k=0.5x"]
+    assert data["runs"][2]["stats"]["experts_per_token_mean"] == pytest.approx(1.0, abs=0.1)
+    assert data["settings"]["corruption"] == {"kind": "junk", "rate": 0.2, "seed": 0}
+    assert "| WordNetWuPalmerSTS | STS |" in out.stdout
+    assert (tmp_path / "out" / "mteb_comparison.png").is_file()
+
+
+def test_mteb_rejects_bad_options_with_a_clear_message(tiny_demo, tmp_path):
+    path, _ = tiny_demo
+    out = run("mteb", str(path), "--methods", "usmoe:alpha=3", "--tasks", "WordNetWuPalmerSTS",
+              "--wordnet", str(WORDNET_FIXTURE), "--cache-dir", str(tmp_path))
+    assert out.returncode != 0 and "Invalid value for option 'alpha'" in out.stderr
+    out = run("mteb", str(path), "--corrupt", "junk:2", "--wordnet", str(WORDNET_FIXTURE), "--cache-dir", str(tmp_path))
+    assert out.returncode != 0 and "rate=2.0 is not valid; valid range: a number in [0, 1]" in out.stderr
+
+
+def test_demo_runs_the_main_job_on_the_shipped_model(tmp_path):
+    """`demo` on the shipped model; the fixture WordNet and small tasks keep it quick."""
+    out = run("demo", "--methods", "topk", "usmoe:top_k=0.5x", "ssr:inference=sinkhorn,scope=sequence",
+              "--tasks", "WordNetWuPalmerSTS", "WordNetLexnameClustering", "--wordnet", str(WORDNET_FIXTURE),
+              "--wordnet-sizes", SMALL_SIZES, "--stats-texts", "30", "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "out" / "mteb_comparison.json").read_text())
+    assert [r["label"] for r in data["runs"]] == ["topk", "usmoe:top_k=0.5x", "ssr:inference=sinkhorn,scope=sequence"]
+    assert data["runs"][1]["stats"]["experts_per_token_mean"] == pytest.approx(2.0, abs=0.1)  # 0.5 x k=4
+    assert data["runs"][2]["stats"]["sinkhorn_steps"] > 0
+    rows = json.loads((tmp_path / "out" / "routing_stats.json").read_text())
+    assert [r["label"] for r in rows] == ["topk", "usmoe:top_k=0.5x", "ssr:inference=sinkhorn,scope=sequence"]
     assert rows[0]["kl_to_native"] == 0.0 and rows[1]["kl_to_native"] > 0
-    assert rows[1]["experts_per_token_mean"] == pytest.approx(1.0, abs=0.02)
-    assert (tmp_path / "routing_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| usmoe:top_k=1.0 |" in out.stdout
-
-
-def test_demo_rejects_bad_options_with_a_clear_message(tmp_path):
-    out = run("demo", "--batches", "1", "--out", str(tmp_path), "--methods", "usmoe:alpha=3")
-    assert out.returncode != 0
-    assert "Invalid value for option 'alpha'" in out.stderr
+    for name in ("mteb_comparison.png", "routing_load.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| **mean (all tasks)** |" in out.stdout
 
 
 def test_stats_on_a_saved_model_folder(tmp_path):
