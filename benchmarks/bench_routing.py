@@ -571,13 +571,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def write_report(path: Path, report: str) -> None:
+    """Write ``report`` to ``path``, keeping the hand-written notes (from a "## Notes" heading on)
+    of the file it replaces."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
+    path.write_text(report + "\n" + ("\n" + notes if notes else ""))
+    logging.getLogger("bench").info("wrote %s", path)
+
+
+def start_run(args) -> dict:
+    """Logging, torch threads and the machine facts of a benchmark run (also used by the other
+    benchmark scripts)."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("hf_moe_patch").setLevel(logging.WARNING)  # one "patched ..." line per model otherwise
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
-    logger.info("%s, %s cores, torch threads %d, load %s", info["cpu"], info["cores"], args.threads, _load(info["load_before"]))
+    logging.getLogger("bench").info("%s, %s cores, torch threads %d, load %s", info["cpu"], info["cores"], args.threads,
+                                    _load(info["load_before"]))
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = start_run(args)
     sections = args.sections.split(",")
 
     router_count = len(router_shapes(args.router_grid)) * (1 if args.quick else len(ROUTER_TOKENS)) * len(ROUTER_VARIANTS) * args.router_repeats
@@ -604,12 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     report = render(args, info, router_rows, e2e_runs, time.perf_counter() - start)
     print(report)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        # Hand-written notes (from a "## Notes" heading on) survive a re-run.
-        old = args.out.read_text() if args.out.exists() else ""
-        notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
-        args.out.write_text(report + "\n" + ("\n" + notes if notes else ""))
-        logger.info("wrote %s", args.out)
+        write_report(args.out, report)
     if e2e_runs:
         for desc, ratio, threshold, met in target_rows(e2e_runs[0]):
             logger.info("target %-45s %.2f (<= %.2f) %s", desc, ratio, threshold, "met" if met else "MISSED")

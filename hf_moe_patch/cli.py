@@ -60,7 +60,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods.base import NativeRouting
 
     example = NativeRouting(num_experts=64, top_k=8)
-    print(f"Valid ranges shown for a model with N=64 experts and k=8.\n")
+    print("Valid ranges shown for a model with N=64 experts and k=8.\n")
     for name, cls in METHODS.items():
         print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(cls):
@@ -166,6 +166,40 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft_config(args: argparse.Namespace):
+    """An SFTConfig from the command line; ``--config`` starts from a saved run's configuration."""
+    import dataclasses
+
+    from .report import parse_case
+    from .training.sft import SFTConfig
+
+    base = SFTConfig.from_json(args.config) if args.config else SFTConfig()
+    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(SFTConfig)}}
+    if args.method_spec is not None:
+        case = parse_case(args.method_spec)
+        given.update(method=case.method, options=case.options)
+    if args.report_to is not None:
+        given["report_to"] = [] if args.report_to == ["none"] else args.report_to
+    return dataclasses.replace(base, **given)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from .training.sft import run_sft
+
+    config = _sft_config(args)
+    results = run_sft(config)
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _cmd_sft_compare(args: argparse.Namespace) -> int:
+    from .training.compare import DEFAULT_CASES, compare_sft
+
+    report = compare_sft(_sft_config(args), split_methods(args.methods) if args.methods else DEFAULT_CASES, args.out)
+    print(f"\n{report['markdown']}\n\nwrote {Path(args.out) / 'comparison.md'}, .json and .png")
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -268,6 +302,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the package's shipped assets folder)")
     p.set_defaults(func=_cmd_train_demo)
+
+    def add_sft_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="start from a run's saved sft_config.json (other options override it)")
+        p.add_argument("--revision")
+        p.add_argument("--method", dest="method_spec", help="routing during training, METHOD[:key=value,...], "
+                                                            "e.g. ssr, ssr:p=1, usmoe:top_k=3 (default topk)")
+        p.add_argument("--aux-loss", choices=["auto", "on", "off"],
+                       help="the model's auxiliary balancing loss: auto (on for topk only), on (ssr still turns it off), off")
+        p.add_argument("--dataset", help="'wordnet' (built-in WordNet-Alpaca, default), a Hub id such as "
+                                         "tatsu-lab/alpaca, or a local .json/.jsonl/.parquet in Alpaca format")
+        p.add_argument("--dataset-revision")
+        p.add_argument("--max-train-samples", type=int)
+        p.add_argument("--validation-size", type=float, help="share (< 1) or count of examples held out (default 0.05)")
+        p.add_argument("--max-length", type=int)
+        p.add_argument("--packing", action="store_true", default=None)
+        p.add_argument("--corruption", help="corrupt training text, KIND:RATE[:SEED] (e.g. junk:0.1)")
+        p.add_argument("--eval-corruption", help="corruption of the second validation perplexity (default junk:0.1)")
+        p.add_argument("--peft", choices=["lora", "none"], help="LoRA adapters (default) or full fine-tuning")
+        p.add_argument("--lora-r", type=int)
+        p.add_argument("--lora-alpha", type=int)
+        p.add_argument("--lora-dropout", type=float)
+        p.add_argument("--no-lora-attention", dest="lora_attention", action="store_false", default=None)
+        p.add_argument("--no-lora-experts", dest="lora_experts", action="store_false", default=None)
+        p.add_argument("--router", choices=["frozen", "train", "lora"], help="the router's weights (default frozen)")
+        p.add_argument("--output-dir")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--max-steps", type=int)
+        p.add_argument("--num-train-epochs", type=float)
+        p.add_argument("--learning-rate", type=float)
+        p.add_argument("--per-device-train-batch-size", type=int)
+        p.add_argument("--per-device-eval-batch-size", type=int)
+        p.add_argument("--gradient-accumulation-steps", type=int)
+        p.add_argument("--logging-steps", type=int)
+        p.add_argument("--save-steps", type=int)
+        p.add_argument("--resume-from-checkpoint", help="a checkpoint folder of this run's output dir")
+        p.add_argument("--merge", action="store_true", default=None, help="also save the adapter merged into the model")
+        p.add_argument("--dtype", help="auto (bf16 on GPUs that support it, else float32), float32, bfloat16")
+        p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+        p.add_argument("--report-to", nargs="+", help="Trainer loggers, e.g. tensorboard wandb (default none)")
+
+    p = sub.add_parser("sft", help="fine-tune a patched model on Alpaca-format data with peft and Trainer "
+                                   "(runs under `accelerate launch` too)")
+    p.add_argument("model", nargs="?", default=None, help="Hub id, local folder, or 'demo' (default)")
+    add_sft_options(p)
+    p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("sft-compare", help="the same fine-tuning run once per routing, with a comparison table and plot")
+    p.add_argument("model", nargs="?", default=None, help="Hub id, local folder, or 'demo' (default)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="routings, METHOD[:key=value,...] with the extra key aux_loss=on|off|auto; the first is "
+                        "the baseline (default: topk topk:aux_loss=off ssr ssr:p=1 usmoe expert_choice)")
+    p.add_argument("--out", default="sft_compare", help="folder for the runs and comparison.{md,json,png}")
+    add_sft_options(p)
+    p.set_defaults(func=_cmd_sft_compare, method_spec=None)
 
     p = sub.add_parser("stats", help="routing statistics of a pretrained model (Hub id or local path) on texts")
     p.add_argument("model", help="e.g. allenai/OLMoE-1B-7B-0924 or a local folder")

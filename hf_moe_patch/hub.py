@@ -242,7 +242,7 @@ def model_card(
         f"| method | `{method}` |",
         *[f"| {key} | `{value!r}` |" for key, value in options.items()],
         "",
-        f"The routing is stored in `moe_routing.json`." if peft else f"The routing is stored in `config.json` under `{ROUTING_KEY}`.",
+        "The routing is stored in `moe_routing.json`." if peft else f"The routing is stored in `config.json` under `{ROUTING_KEY}`.",
     ]
     if stats is not None:
         summary = stats.summary() if hasattr(stats, "summary") else dict(stats)

@@ -15,7 +15,7 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("sub", [[], ["demo"], ["mteb"], ["train-demo"], ["methods"], ["stats"], ["push"]])
+@pytest.mark.parametrize("sub", [[], ["demo"], ["mteb"], ["train-demo"], ["sft"], ["sft-compare"], ["methods"], ["stats"], ["push"]])
 def test_help(sub):
     out = run(*sub, "--help")
     assert out.returncode == 0 and "usage: hf-moe-patch" in out.stdout

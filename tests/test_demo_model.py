@@ -4,7 +4,6 @@ shipped checkpoint (loads through from_pretrained, matches its recorded validati
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,0 +1,370 @@
+"""Supervised fine-tuning of a patched MoE model on Alpaca-format data, with peft and Trainer.
+
+:func:`run_sft` is the whole run: load the model (Hub id, folder, or ``"demo"``), patch its
+routing, set the auxiliary loss, add peft LoRA adapters (attention projections, the fused expert
+weights through ``target_parameters``, optionally the router), train with transformers' ``Trainer``
+(which runs on accelerate, so ``accelerate launch`` scales it out), log routing statistics, then
+measure validation perplexity on clean and on corrupted text and save everything needed to repeat
+the run.
+
+Routing during training (``method`` / ``options`` / ``aux_loss``):
+
+* ``topk`` with the model's auxiliary load-balancing loss (``aux_loss="auto"`` or ``"on"``) is the
+  baseline; ``aux_loss="off"`` trains without it;
+* ``ssr`` flips a coin per forward (per micro-batch) and routes by the Sinkhorn plan when it wins
+  (``p=0.01`` by default, ``p=1`` for full Sinkhorn); its patch turns the auxiliary loss off, so
+  ``"auto"`` means off;
+* ``usmoe`` and ``expert_choice`` train with their own selection and, under ``"auto"``, without
+  the auxiliary loss (it models top-k selection; expert choice is balanced by construction);
+  ``aux_loss="on"`` keeps it.
+
+SSR's plan is computed per process and per micro-batch: under data parallelism each process
+balances its own micro-batch (ROUTING.md section 3).
+
+Example:
+    >>> from hf_moe_patch.training.sft import SFTConfig, run_sft
+    >>> result = run_sft(SFTConfig(model="demo", method="ssr", dataset="wordnet", max_steps=50,
+    ...                            output_dir="sft_out"))  # doctest: +SKIP
+    >>> result["validation_perplexity"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..corruption import parse_corruption
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+AUX_LOSS = ("auto", "on", "off")
+ROUTER_MODES = ("frozen", "train", "lora")
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+CONFIG_FILE = "sft_config.json"
+RESULTS_FILE = "sft_results.json"
+
+
+@dataclass
+class SFTConfig:
+    """Everything that determines a fine-tuning run; saved as ``sft_config.json`` with versions.
+
+    Args:
+        model: Hub id, local folder, or ``"demo"`` (the shipped demo model).
+        method, options: the routing during training and evaluation (``hmp.patch`` arguments).
+        aux_loss: ``"auto"`` (the model's auxiliary loss for ``topk`` only), ``"on"`` (also
+            for ``usmoe`` and ``expert_choice``; SSR always turns it off) or ``"off"``.
+        dataset: ``"wordnet"`` (the built-in WordNet-Alpaca set), a Hub dataset id such as
+            ``tatsu-lab/alpaca``, or a local JSON / JSONL / Parquet file in Alpaca format.
+        validation_size: share (< 1) or number of examples held out for validation.
+        corruption: corrupt training text (``"junk:0.1"``; None: clean training).
+        eval_corruption: the corruption of the second validation perplexity.
+        peft: ``"lora"`` (adapters) or ``"none"`` (full fine-tuning of everything but a frozen router).
+        lora_attention, lora_experts: LoRA on the attention projections / on the fused expert
+            weights (``target_parameters``).
+        router: ``"frozen"`` (default), ``"train"`` (the router's weight trains in full) or
+            ``"lora"`` (a LoRA on the router's weight).
+    """
+
+    model: str = "demo"
+    revision: str | None = None
+    method: str = "topk"
+    options: dict[str, Any] = field(default_factory=dict)
+    aux_loss: str = "auto"
+    dataset: str = "wordnet"
+    dataset_revision: str | None = None
+    max_train_samples: int | None = None
+    validation_size: float = 0.05
+    max_length: int = 256
+    packing: bool = False
+    corruption: str | None = None
+    eval_corruption: str = "junk:0.1"
+    peft: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_attention: bool = True
+    lora_experts: bool = True
+    router: str = "frozen"
+    output_dir: str = "sft_out"
+    seed: int = 0
+    max_steps: int = 200
+    num_train_epochs: float = 1.0
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None
+    merge: bool = False
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    report_to: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from ..methods import METHODS
+
+        checks = [("method", self.method, list(METHODS)), ("aux_loss", self.aux_loss, AUX_LOSS),
+                  ("router", self.router, ROUTER_MODES), ("peft", self.peft, ("lora", "none"))]
+        for name, value, valid in checks:
+            if value not in valid:
+                raise ValueError(f"{name}={value!r} is not valid; valid: {', '.join(map(str, valid))}")
+        if not 0 < self.validation_size:
+            raise ValueError(f"validation_size={self.validation_size!r} is not valid; a share in (0, 1) or a count >= 1")
+        if self.peft == "none" and self.router == "lora":
+            raise ValueError("router='lora' needs peft='lora'")
+        parse_corruption(self.corruption)
+        parse_corruption(self.eval_corruption)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SFTConfig":
+        """The configuration saved by a run (``sft_config.json``); versions are ignored."""
+        data = json.loads(Path(path).read_text())
+        data = data.get("config", data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def aux_loss_enabled(config: SFTConfig, model: nn.Module) -> bool:
+    """Whether the model's auxiliary balancing loss is part of the training loss.
+
+    ``"auto"``: only for ``topk``, the selection the loss was designed for. SSR replaces it (its
+    patch sets the coefficient to 0, so even ``"on"`` adds nothing and computing it is waste);
+    expert choice is balanced by construction; USMoE's budget selection is not what the loss
+    models. ``"on"`` keeps it for ``usmoe`` and ``expert_choice`` too.
+    """
+    from ..methods import METHODS
+
+    if config.aux_loss == "off" or METHODS[config.method].disables_aux_loss:
+        return False
+    if config.aux_loss == "auto" and config.method != "topk":
+        return False
+    return getattr(model.config, "router_aux_loss_coef", 0.0) > 0
+
+
+def _router_parameter_names(model: nn.Module) -> list[str]:
+    from ..families import family_of
+    from ..patching import find_sites
+
+    sites = find_sites(model, family_of(model))
+    owner = {id(site.router): site.name for site in sites}
+    return [f"{owner[id(m)]}.{p}" for m in (s.router for s in sites) for p, _ in m.named_parameters(recurse=False) if id(m) in owner]
+
+
+def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
+    """Make the right parameters trainable: LoRA adapters (or everything) and the router's mode.
+
+    The router is frozen by default; ``router="train"`` trains its weight in full (saved through
+    peft's ``modules_to_save``), ``router="lora"`` puts a LoRA on it (``target_parameters``).
+    """
+    from ..families import family_of
+
+    family = family_of(model)
+    router_names = _router_parameter_names(model)
+    router_leaf = sorted({name.split(".")[-2] for name in router_names})  # e.g. "gate", "router"
+    if config.peft == "none":
+        for name, param in model.named_parameters():
+            param.requires_grad_(config.router == "train" or name not in router_names)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    target_parameters = []
+    if config.lora_experts:
+        target_parameters += [f"{family.experts_attr}.{p.split('.')[-1]}" for p in EXPERT_PARAMETERS]
+    if config.router == "lora":
+        target_parameters += [f"{leaf}.weight" for leaf in router_leaf]
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=ATTENTION_TARGETS if config.lora_attention else [],
+        target_parameters=target_parameters or None,
+        modules_to_save=router_leaf if config.router == "train" else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, dataset, collator, batch_size: int = 16) -> float:
+    """Perplexity over the label tokens (``labels != -100``) of a tokenised dataset.
+
+    Computed from the logits, not the model's loss, so that an auxiliary loss never enters it.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = collator(rows)
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            loss = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+
+    return {"hf_moe_patch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+
+
+def load_model(config: SFTConfig):
+    """The model and tokenizer of ``config.model`` (``"demo"``: the shipped demo model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..demo_model import demo_model_path
+
+    path = str(demo_model_path()) if config.model == "demo" else config.model
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def prepare_data(config: SFTConfig, tokenizer):
+    """(train, validation, corrupted validation) tokenised datasets."""
+    from .data import load_alpaca, pack_examples, split_train_validation, tokenize_alpaca
+
+    raw = load_alpaca(config.dataset, revision=config.dataset_revision)
+    size = config.validation_size
+    size = int(size) if size >= 1 else float(size)  # a count, or a share
+    train_raw, val_raw = split_train_validation(raw, size, seed=config.seed)
+    if config.max_train_samples is not None:
+        train_raw = train_raw.select(range(min(config.max_train_samples, len(train_raw))))
+    train = tokenize_alpaca(train_raw, tokenizer, max_length=config.max_length, corruption=parse_corruption(config.corruption))
+    if config.packing:
+        train = pack_examples(train, config.max_length)
+    val = tokenize_alpaca(val_raw, tokenizer, max_length=config.max_length)
+    val_noisy = tokenize_alpaca(val_raw, tokenizer, max_length=config.max_length, corruption=parse_corruption(config.eval_corruption))
+    return train, val, val_noisy
+
+
+def run_sft(config: SFTConfig) -> dict[str, Any]:
+    """Fine-tune ``config.model`` under ``config.method`` and report; see the module docstring.
+
+    Writes into ``config.output_dir``: Trainer checkpoints, the final adapter (or model) with its
+    routing (``hf_moe_patch.save_pretrained``), ``sft_config.json`` (the configuration and the
+    versions), ``sft_results.json``, ``routing_stats.jsonl`` and ``routing_balance.png``; with
+    ``merge=True`` also ``merged/``, the adapter merged into the model with the routing kept.
+    Returns the results dictionary.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from ..hub import save_pretrained
+    from ..patching import patch
+    from .callbacks import RoutingStatsCallback, add_routing_stats
+    from .data import make_collator
+
+    out = Path(config.output_dir)
+    set_seed(config.seed)
+    model, tokenizer = load_model(config)
+    patch(model, config.method, **config.options)
+    aux = aux_loss_enabled(config, model)
+    model.config.output_router_logits = aux
+    train, val, val_noisy = prepare_data(config, tokenizer)
+    model = add_adapters(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    collator = make_collator(tokenizer)
+    args = TrainingArguments(
+        output_dir=str(out), seed=config.seed, data_seed=config.seed, max_steps=config.max_steps,
+        num_train_epochs=config.num_train_epochs, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, logging_steps=config.logging_steps,
+        save_steps=config.save_steps, save_total_limit=config.save_total_limit, report_to=config.report_to,
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), bf16=next(model.parameters()).dtype == torch.bfloat16,
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+    stats_cb = RoutingStatsCallback(jsonl_path=out / "routing_stats.jsonl", plot_path=out / "routing_balance.png")
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[stats_cb])
+    add_routing_stats(trainer, stats_cb)
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    seconds = time.perf_counter() - start
+    steps_run = trainer.state.global_step - (_checkpoint_step(config.resume_from_checkpoint) or 0)
+
+    unwrapped = trainer.model
+    ppl_clean = perplexity(unwrapped, val, collator, config.per_device_eval_batch_size)
+    ppl_noisy = perplexity(unwrapped, val_noisy, collator, config.per_device_eval_batch_size)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    routing_logs = [h for h in trainer.state.log_history if any(k.startswith("routing/") for k in h)]
+    results = {
+        "method": config.method, "options": config.options, "aux_loss": aux, "global_step": trainer.state.global_step,
+        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": train_output.training_loss,
+        "validation_perplexity": ppl_clean, "validation_perplexity_corrupted": ppl_noisy,
+        "eval_corruption": config.eval_corruption, "validation_examples": len(val),
+        "seconds_per_step": seconds / max(steps_run, 1), "trainable_parameters": len(trainable_parameter_names(unwrapped)),
+        "routing": _mean_routing(routing_logs),
+        "world_size": trainer.args.world_size,
+    }
+    if trainer.is_world_process_zero():
+        save_pretrained(unwrapped, out / "final")
+        tokenizer.save_pretrained(out / "final")
+        (out / CONFIG_FILE).write_text(json.dumps({"config": config.to_dict(), "versions": _versions()}, indent=2))
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+        if config.merge and config.peft == "lora":
+            merged = unwrapped.merge_and_unload()
+            save_pretrained(merged, out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+    logger.info("%s: validation perplexity %.3f clean, %.3f corrupted", config.method, ppl_clean, ppl_noisy)
+    return results
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    if not path or path is True:
+        return None
+    try:
+        return int(str(path).rstrip("/").rsplit("-", 1)[-1])
+    except ValueError:
+        return None
+
+
+def _mean_routing(logs: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over the logging windows of each routing statistic."""
+    keys = sorted({k for h in logs for k in h if k.startswith("routing/")})
+    out = {}
+    for key in keys:
+        values = [h[key] for h in logs if isinstance(h.get(key), (int, float))]
+        if values:
+            out[key.removeprefix("routing/")] = sum(values) / len(values)
+    return out

@@ -1,0 +1,194 @@
+"""Fine-tuning patched models: real Trainer, real peft, real accelerate launch, on a tiny
+pretrained demo model and the WordNet-Alpaca set built from the fixture database."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_moe_patch as hmp
+from hf_moe_patch.training.sft import SFTConfig, add_adapters, load_model, run_sft, trainable_parameter_names
+
+from conftest import WORDNET_FIXTURE
+
+
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory):
+    """The WordNet-Alpaca set of the fixture database, written as JSONL (a local dataset file)."""
+    from hf_moe_patch.training.data import wordnet_alpaca, write_jsonl
+    from hf_moe_patch.wordnet import load_wordnet
+
+    path = tmp_path_factory.mktemp("data") / "wordnet_alpaca.jsonl"
+    write_jsonl(wordnet_alpaca(load_wordnet(WORDNET_FIXTURE), split="all", seed=0), path)
+    return path
+
+
+def config(alpaca_file, tmp_path, **overrides) -> SFTConfig:
+    # The shipped demo model: it knows English, so a few LoRA steps visibly teach it the task.
+    base = dict(model="demo", dataset=str(alpaca_file), output_dir=str(tmp_path / "run"), max_steps=24,
+                per_device_train_batch_size=8, logging_steps=4, save_steps=1000, learning_rate=1e-2,
+                warmup_steps=2, max_length=96, validation_size=24, lora_r=8, lora_alpha=16)
+    return SFTConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("spec, aux", [
+    ("topk", "auto"), ("topk", "off"), ("ssr", "auto"), ("ssr:p=1.0", "auto"), ("usmoe", "auto"), ("expert_choice", "auto"),
+])
+def test_training_loss_falls_for_every_routing(alpaca_file, tmp_path, spec, aux):
+    from hf_moe_patch.report import parse_case
+
+    case = parse_case(spec)
+    result = run_sft(config(alpaca_file, tmp_path, method=case.method, options=case.options, aux_loss=aux))
+    assert result["train_loss_last"] < result["train_loss_first"] - 0.3, result
+    assert result["aux_loss"] is (aux == "auto" and case.method == "topk")
+    assert math.isfinite(result["validation_perplexity"])
+    assert result["routing"]["experts_per_token"] == pytest.approx(4.0, abs=0.25)  # the demo model's k
+    saved = json.loads((tmp_path / "run" / "final" / "moe_routing.json").read_text())
+    assert saved["method"] == case.method
+
+
+def test_ssr_takes_the_sinkhorn_branch_at_the_requested_rate_without_aux_loss(alpaca_file, tmp_path):
+    result = run_sft(config(alpaca_file, tmp_path, method="ssr", options={"p": 0.5}, max_steps=40, logging_steps=40))
+    share = result["routing"]["sinkhorn_step_fraction"]
+    assert 0.25 <= share <= 0.75  # 40 coin flips at p = 0.5: outside this band with probability < 0.2 %
+    assert result["aux_loss"] is False
+    # Patched with SSR, even a model asked for router logits adds no auxiliary loss.
+    model, tokenizer = load_model(config(alpaca_file, tmp_path))
+    hmp.patch(model, "ssr", p=1.0)
+    model.config.output_router_logits = True
+    model.train()
+    ids = tokenizer(["define the word chair"], return_tensors="pt")["input_ids"]
+    torch.manual_seed(0)
+    out = model(input_ids=ids, labels=ids)
+    ce = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:])
+    assert out.aux_loss is not None and float(out.aux_loss) > 0
+    assert float(out.loss) == pytest.approx(float(ce), abs=1e-6)
+
+
+@pytest.mark.parametrize("peft, router, lora_experts", [
+    ("lora", "frozen", True), ("lora", "train", True), ("lora", "lora", False), ("none", "frozen", True), ("none", "train", True),
+])
+def test_gradients_reach_exactly_the_parameters_that_should_train(alpaca_file, tmp_path, peft, router, lora_experts):
+    cfg = config(alpaca_file, tmp_path, peft=peft, router=router, lora_experts=lora_experts)
+    model, tokenizer = load_model(cfg)
+    hmp.patch(model, "usmoe")
+    model = add_adapters(model, cfg)
+    names = trainable_parameter_names(model)
+    is_router = lambda n: ".mlp.gate." in n and "experts" not in n  # noqa: E731
+    if peft == "none":
+        assert any("q_proj" in n for n in names) and any("experts.gate_up_proj" in n for n in names)
+        assert any(is_router(n) for n in names) is (router == "train")
+    else:
+        assert all("lora_" in n or "modules_to_save" in n for n in names), names
+        assert any("q_proj.lora_A" in n for n in names)
+        assert any("experts" in n and "lora_" in n for n in names) is lora_experts
+        assert any("modules_to_save" in n for n in names) is (router == "train")
+        assert any(is_router(n) and "lora_" in n for n in names) is (router == "lora")
+    model.train()
+    ids = tokenizer(["define the word chair", "a seat for one person"], return_tensors="pt", padding=True)
+    out = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], labels=ids["input_ids"])
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    frozen_with_grad = {n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None}
+    assert not frozen_with_grad
+    # Every trainable tensor gets a gradient (LoRA B starts at zero, so A's gradient is zero at
+    # step 0: B's must not be).
+    missing = [n for n in names if n not in with_grad and "lora_A" not in n]
+    assert not missing, missing
+
+
+def test_corrupted_validation_differs_and_outputs_reproduce_the_run(alpaca_file, tmp_path):
+    cfg = config(alpaca_file, tmp_path, method="usmoe", eval_corruption="junk:0.3", merge=True)
+    result = run_sft(cfg)
+    assert result["validation_perplexity_corrupted"] != result["validation_perplexity"]
+    assert result["validation_perplexity_corrupted"] > result["validation_perplexity"]
+    run = tmp_path / "run"
+    saved = json.loads((run / "sft_config.json").read_text())
+    assert SFTConfig.from_json(run / "sft_config.json") == cfg
+    assert {"torch", "transformers", "peft", "accelerate", "datasets", "hf_moe_patch"} <= set(saved["versions"])
+    lines = [json.loads(line) for line in (run / "routing_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [4, 8, 12, 16, 20, 24]
+    assert (run / "routing_balance.png").read_bytes()[:4] == b"\x89PNG"
+    # The merged model keeps the routing patch and its configuration.
+    merged = hmp.from_pretrained(run / "merged", dtype=torch.float32)
+    assert hmp.routing_config(merged)["method"] == "usmoe"
+    adapter = hmp.from_pretrained(run / "final", dtype=torch.float32)
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    torch.testing.assert_close(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, options", [("topk", {}), ("ssr", {"p": 0.5})])
+def test_resume_from_checkpoint_continues_the_same_run(alpaca_file, tmp_path, method, options):
+    """A run resumed from its step-8 checkpoint ends where the uninterrupted run ends: same losses
+    at every later step, same adapter (SSR's coins come from torch's RNG, which checkpoints keep).
+    A resumed SSR run with different coins would differ by far more than the tolerance."""
+    import shutil
+
+    whole = config(alpaca_file, tmp_path / "whole", method=method, options=options, max_steps=16, save_steps=8, logging_steps=1)
+    run_sft(whole)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "whole" / "run" / "checkpoint-8", part / "checkpoint-8")  # the run, interrupted at step 8
+    resumed = run_sft(dataclasses.replace(whole, output_dir=str(part), resume_from_checkpoint=str(part / "checkpoint-8")))
+    assert resumed["global_step"] == 16
+
+    def losses(folder):
+        state = json.loads((folder / "checkpoint-16" / "trainer_state.json").read_text())
+        return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+    # Equal up to float rounding: multi-threaded CPU kernels may sum in another order after a
+    # reload (bit-for-bit with one thread).
+    resumed_losses, whole_losses = losses(part), losses(tmp_path / "whole" / "run")
+    assert [step for step, _ in resumed_losses] == [step for step, _ in whole_losses]
+    assert [loss for _, loss in resumed_losses] == pytest.approx([loss for _, loss in whole_losses], rel=1e-5)
+    a = load_file(tmp_path / "whole" / "run" / "final" / "adapter_model.safetensors")
+    b = load_file(part / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-4)
+
+
+def test_accelerate_launch_two_processes_on_cpu(alpaca_file, tmp_path):
+    """A real 2-process data-parallel run through `accelerate launch`, the CLI as users run it."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The shipped config: accelerate's torchrun launcher; without a GPU the Trainer (use_cpu) joins
+    # a gloo group. (`--cpu` with several processes would need mpirun.)
+    config_file = Path(__file__).parents[1] / "examples" / "accelerate" / "cpu_ddp_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "-m", "hf_moe_patch.cli", "sft", "demo", "--dataset", str(alpaca_file), "--method", "ssr:p=0.5",
+           "--output-dir", str(out), "--max-steps", "8", "--per-device-train-batch-size", "4", "--logging-steps", "4",
+           "--save-steps", "1000", "--max-length", "96", "--validation-size", "24", "--learning-rate", "5e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "sft_results.json").read_text())
+    assert results["world_size"] == 2 and results["global_step"] == 8
+    assert results["train_loss_last"] < results["train_loss_first"]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_compare_runs_each_routing_on_equal_terms(alpaca_file, tmp_path):
+    from hf_moe_patch.training.compare import compare_sft
+
+    base = config(alpaca_file, tmp_path, max_steps=8)
+    report = compare_sft(base, ["topk", "topk:aux_loss=off", "ssr:p=1.0"], tmp_path / "cmp")
+    runs = {r["label"]: r for r in report["runs"]}
+    assert [runs[k]["aux_loss"] for k in ("topk", "topk:aux_loss=off", "ssr:p=1.0")] == [True, False, False]
+    assert runs["ssr:p=1.0"]["routing"]["sinkhorn_step_fraction"] == 1.0
+    assert runs["topk"]["routing"]["sinkhorn_step_fraction"] == 0.0
+    # Same data, seed and steps: the two top-k runs differ only by the auxiliary loss.
+    assert runs["topk"]["validation_examples"] == runs["ssr:p=1.0"]["validation_examples"]
+    assert runs["topk"]["train_loss_first"] != runs["topk:aux_loss=off"]["train_loss_first"]
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| ssr:p=1.0 | off |" in md and "step time vs baseline" in md
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["baseline"] == "topk"
