@@ -69,11 +69,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cases(model, texts: Sequence[str]):
+def _cases(model, texts: Sequence[str], top_k: Sequence[str] | None = None):
     """Routing cases from command-line words; ``top_k`` may be a multiple of the native k."""
     from .evaluation import expand_cases
 
-    return expand_cases(split_methods(texts), int(model.config.num_experts_per_tok))
+    budgets = split_methods(top_k) if top_k else None
+    return expand_cases(split_methods(texts), int(model.config.num_experts_per_tok), budgets)
 
 
 def _run_comparison(model, batches, cases, out_dir: Path, title: str) -> int:
@@ -141,6 +142,7 @@ def _cmd_mteb(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from .corruption import parse_corruption
     from .demo_model import corpus
     from .wordnet import load_wordnet
 
@@ -150,10 +152,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _evaluate(args, model, tokenizer, title)
     # Routing statistics on held-out WordNet text (no padding: one packed block per row).
     texts = corpus(load_wordnet(args.wordnet), "heldout")[: args.stats_texts]
+    corruption = parse_corruption(args.corrupt)
+    if corruption is not None:
+        texts = corruption.apply(texts)
     ids = torch.tensor([i for doc in tokenizer(texts)["input_ids"] for i in doc])
     n = len(ids) // 128
     batches = [{"input_ids": block, "attention_mask": torch.ones_like(block)} for block in ids[: n * 128].view(n, 128).split(8)]
-    return _run_comparison(model, batches, _cases(model, args.methods), Path(args.out),
+    return _run_comparison(model, batches, _cases(model, args.methods, args.top_k), Path(args.out),
                            "Routing statistics of the demo model on held-out WordNet text")
 
 
@@ -180,6 +185,8 @@ def _sft_config(args: argparse.Namespace):
         given.update(method=case.method, options=case.options)
     if args.report_to is not None:
         given["report_to"] = [] if args.report_to == ["none"] else args.report_to
+    if args.num_train_epochs is not None and args.max_steps is None:
+        given["max_steps"] = None  # epochs decide the length
     return dataclasses.replace(base, **given)
 
 
@@ -194,6 +201,11 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_sft_compare(args: argparse.Namespace) -> int:
     from .training.compare import DEFAULT_CASES, compare_sft
+
+    for flag, value in (("--method", args.method_spec), ("--output-dir", args.output_dir),
+                        ("--resume-from-checkpoint", args.resume_from_checkpoint)):
+        if value is not None:
+            raise SystemExit(f"sft-compare: {flag} does not apply (routings come from --methods, runs go to --out/<routing>)")
 
     report = compare_sft(_sft_config(args), split_methods(args.methods) if args.methods else DEFAULT_CASES, args.out)
     print(f"\n{report['markdown']}\n\nwrote {Path(args.out) / 'comparison.md'}, .json and .png")

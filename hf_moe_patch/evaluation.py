@@ -5,7 +5,8 @@ in turn, wraps it in a :class:`~hf_moe_patch.moee.MoEEncoder` and runs mteb's ow
 through ``mteb.evaluate`` with a ``ResultCache``. Each run is cached under a model name that
 carries the routing label and a revision that hashes everything that can change an embedding
 (routing method and all its resolved options, embedding mode, prompt, instruction, sum weight,
-corruption, maximum length, the model's name and revision, the package version), so results of
+corruption, maximum length, batch size, dtype, the model's name and revision, the package
+version), so results of
 different routings or options never overwrite or reuse each other, and an identical run is
 read back from the cache instead of recomputed.
 
@@ -306,8 +307,10 @@ def evaluate_routings(
     for case in routing_cases:  # a bad option fails here, before hours of evaluation
         check_routing(model, case.method, **case.options)
     task_objects = load_tasks(tasks, **(wordnet_kwargs or {}))
+    # batch_size matters to batch-scoped routings, dtype to every embedding.
     settings = {"embedding": embedding, "prompt": prompt, "instruction": instruction, "sum_weight": sum_weight,
-                "max_length": max_length, "corruption": asdict(corruption) if corruption else None}
+                "max_length": max_length, "batch_size": batch_size, "dtype": str(next(model.parameters()).dtype),
+                "corruption": asdict(corruption) if corruption else None}
     task_types = {t.metadata.name: t.metadata.type for t in task_objects}
     cache = mteb.ResultCache(cache_path=Path(cache_dir))
     runs = []
@@ -320,29 +323,33 @@ def evaluate_routings(
                                  sum_weight=sum_weight, batch_size=batch_size, max_length=max_length,
                                  progress=progress, revision=revision, text_transform=corruption)
             name = encoder.mteb_model_meta.name  # carries the routing tag; the revision the rest
-            stats_path = Path(cache_dir) / "hf_moe_patch_stats" / _slug(name) / f"{revision}.json"
+            # Statistics and timing are kept per run and task set, beside mteb's results.
+            task_key = hashlib.sha256(json.dumps(sorted(f"{t.metadata.name}@{t.metadata.revision}" for t in task_objects))
+                                      .encode()).hexdigest()[:12]
+            stats_path = Path(cache_dir) / "hf_moe_patch_stats" / _slug(name) / f"{revision}-{task_key}.json"
             # mteb's cache finds a result by model and task name only: drop ones computed on
             # another build of a task (other seed, sizes or data) so that they are not reused.
             removed = remove_stale_results(cache, encoder, task_objects)
             if removed:
                 logger.info("%s: recomputing %d cached results of other task builds", case.label, len(removed))
+            meta = encoder.mteb_model_meta
+            all_cached = stats_path.is_file() and all(
+                Path(cache.get_task_result_path(t.metadata.name, meta)).is_file() for t in task_objects)
+            # Anything missing: run every task again, so that the statistics and the time cover the
+            # whole task set (a partial reuse would mix runs).
             start = time.perf_counter()
             with collect_stats(model) as stats:
                 result = mteb.evaluate(encoder, task_objects, cache=cache,
-                                       overwrite_strategy="always" if overwrite else "only-missing",
+                                       overwrite_strategy="always" if (overwrite or not all_cached) else "only-missing",
                                        show_progress_bar=progress)
             seconds = time.perf_counter() - start
-            tokens = sum(layer.tokens for layer in stats.layers)
-            if tokens:
-                summary = stats.summary()
+            if not all_cached:
+                summary, cached = stats.summary(), False
                 stats_path.parent.mkdir(parents=True, exist_ok=True)
                 stats_path.write_text(json.dumps({"summary": summary, "seconds": seconds}))
-                cached = False
-            elif stats_path.is_file():  # every task came from the cache: so do its statistics
+            else:  # every task came from the cache: so do its statistics and time
                 saved = json.loads(stats_path.read_text())
                 summary, seconds, cached = saved["summary"], saved["seconds"], True
-            else:
-                summary, seconds, cached = {}, None, True
         scores = {r.task_name: float(r.get_score()) for r in result.task_results}
         # From our task objects: TaskResult.task_type looks the name up in mteb's registry,
         # which does not know local tasks.

@@ -72,12 +72,14 @@ def find_sites(model: nn.Module, family: MoEFamily) -> list[RouterSite]:
 
     The experts module is looked up on the nearest ancestor that has one: with a LoRA on the
     router (peft ``target_parameters``), the router's parent is peft's wrapper, not the MoE block.
+    A router trained in full through peft's ``modules_to_save`` exists twice; only the trainable
+    copy runs, so the kept ``original_module`` is skipped.
     """
     router_type = family.router_type
     modules = dict(model.named_modules())
     sites = []
     for name, module in modules.items():
-        if isinstance(module, router_type):
+        if isinstance(module, router_type) and ".original_module" not in f".{name}":
             experts, parent_name = None, name
             while parent_name and experts is None:
                 parent_name = parent_name.rpartition(".")[0]

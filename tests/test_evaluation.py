@@ -130,3 +130,14 @@ def test_invalid_routing_option_fails_before_any_evaluation(loaded, tmp_path):
         run(loaded, tmp_path, ["topk", "usmoe:alpha=3"], tasks=["WordNetWuPalmerSTS"])
     assert hmp.routing_config(loaded[0]) is None
     assert not (tmp_path / "cache").exists()  # not even the valid first routing was evaluated
+
+
+def test_a_partly_cached_task_set_is_evaluated_whole(loaded, tmp_path):
+    """Statistics and time must describe the whole task set, never a mix of runs."""
+    one = run(loaded, tmp_path, ["usmoe:top_k=1.0"], tasks=["WordNetWuPalmerSTS"])
+    both = run(loaded, tmp_path, ["usmoe:top_k=1.0"], tasks=["WordNetWuPalmerSTS", "WordNetLexnameClustering"])
+    assert not both.runs[0].cached
+    assert set(both.runs[0].scores) == {"WordNetWuPalmerSTS", "WordNetLexnameClustering"}
+    assert both.runs[0].scores["WordNetWuPalmerSTS"] == pytest.approx(one.runs[0].scores["WordNetWuPalmerSTS"], abs=1e-4)
+    again = run(loaded, tmp_path, ["usmoe:top_k=1.0"], tasks=["WordNetWuPalmerSTS", "WordNetLexnameClustering"])
+    assert again.runs[0].cached and again.runs[0].stats == both.runs[0].stats

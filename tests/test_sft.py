@@ -115,6 +115,7 @@ def test_corrupted_validation_differs_and_outputs_reproduce_the_run(alpaca_file,
     saved = json.loads((run / "sft_config.json").read_text())
     assert SFTConfig.from_json(run / "sft_config.json") == cfg
     assert {"torch", "transformers", "peft", "accelerate", "datasets", "hf_moe_patch"} <= set(saved["versions"])
+    assert saved["data"]["validation"] == 24 and saved["data"]["fingerprint"]
     lines = [json.loads(line) for line in (run / "routing_stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [4, 8, 12, 16, 20, 24]
     assert (run / "routing_balance.png").read_bytes()[:4] == b"\x89PNG"
@@ -192,3 +193,61 @@ def test_compare_runs_each_routing_on_equal_terms(alpaca_file, tmp_path):
     assert "| ssr:p=1.0 | off |" in md and "step time vs baseline" in md
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["baseline"] == "topk"
+
+
+@pytest.mark.parametrize("method, options", [("ssr", {"p": 1.0}), ("usmoe", {"top_k": 1.5})])
+def test_a_fully_trained_router_still_routes_by_the_patch(alpaca_file, tmp_path, method, options):
+    """peft's modules_to_save copies the router; the patch must drive the copy that runs."""
+    from hf_moe_patch.families import family_of
+    from hf_moe_patch.patching import find_sites
+
+    outputs = {}
+    for router in ("frozen", "train"):
+        cfg = config(alpaca_file, tmp_path, router=router)
+        model, tokenizer = load_model(cfg)
+        hmp.patch(model, method, **options)
+        model = add_adapters(model, cfg)
+        assert len(find_sites(model, family_of(model))) == model.config.num_hidden_layers
+        model.train()
+        ids = tokenizer(["define the word chair", "a seat for one person"], return_tensors="pt", padding=True)
+        torch.manual_seed(0)
+        with hmp.collect_stats(model) as stats:
+            outputs[router] = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        summary = stats.summary()
+        if method == "ssr":
+            assert summary["sinkhorn_steps"] == model.config.num_hidden_layers
+        else:
+            assert summary["experts_per_token_mean"] == pytest.approx(1.5, abs=0.2)
+    torch.testing.assert_close(outputs["train"], outputs["frozen"])
+
+
+def test_router_training_takes_only_the_router_on_qwen2_moe():
+    """A bare "gate" would also match Qwen2-MoE's shared_expert_gate (peft matches by suffix)."""
+    from hf_moe_patch.testing import tiny_model
+
+    model = add_adapters(tiny_model("qwen2_moe"), SFTConfig(router="train"))
+    names = trainable_parameter_names(model)
+    assert any("mlp.gate.modules_to_save" in n for n in names)
+    assert not any("shared_expert_gate" in n for n in names)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "bf16"}, "dtype='bf16' is not valid; valid: auto, float32, bfloat16, float16"),
+    ({"validation_size": 2.5}, "validation_size=2.5 is not valid"),
+    ({"max_steps": 0}, "max_steps=0 is not valid"),
+    ({"method": "sinkhorn"}, "method='sinkhorn' is not valid; valid: "),
+    ({"aux_loss": "maybe"}, "aux_loss='maybe' is not valid; valid: auto, on, off"),
+    ({"corruption": "junk:7"}, "rate=7.0 is not valid"),
+])
+def test_invalid_settings_name_the_option_value_and_valid_values(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SFTConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_comparison_table_survives_runs_without_logged_loss():
+    from hf_moe_patch.training.compare import markdown
+
+    row = {"label": "topk", "aux_loss": True, "train_loss_first": None, "train_loss_last": None,
+           "validation_perplexity": 10.0, "validation_perplexity_corrupted": 12.0, "routing": {}, "seconds_per_step": 0.1}
+    assert "| topk | on | - -> - | 10.000 | 12.000 |" in markdown([row], "topk")

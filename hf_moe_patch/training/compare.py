@@ -52,12 +52,16 @@ def markdown(rows: Sequence[dict[str, Any]], baseline: str | None) -> str:
         routing = r["routing"]
         ratio = f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}x" if base else "-"
         lines.append(
-            f"| {r['label']} | {'on' if r['aux_loss'] else 'off'} | {r['train_loss_first']:.3f} -> {r['train_loss_last']:.3f} | "
+            f"| {r['label']} | {'on' if r['aux_loss'] else 'off'} | {_num(r['train_loss_first'])} -> {_num(r['train_loss_last'])} | "
             f"{r['validation_perplexity']:.3f} | {r['validation_perplexity_corrupted']:.3f} | "
             f"{routing.get('maxvio_top1', float('nan')):.2f} | {routing.get('maxvio', float('nan')):.2f} | "
             f"{routing.get('sinkhorn_step_fraction', 0.0):.3f} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

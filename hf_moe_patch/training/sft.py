@@ -48,8 +48,11 @@ from ..version import __version__
 logger = logging.getLogger(__name__)
 
 AUX_LOSS = ("auto", "on", "off")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTER_MODES = ("frozen", "train", "lora")
-ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Attention projections of every supported family (DeepSeek-V3's low-rank ones included); peft
+# adapts those that exist.
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 CONFIG_FILE = "sft_config.json"
 RESULTS_FILE = "sft_results.json"
@@ -98,7 +101,7 @@ class SFTConfig:
     router: str = "frozen"
     output_dir: str = "sft_out"
     seed: int = 0
-    max_steps: int = 200
+    max_steps: int | None = 200
     num_train_epochs: float = 1.0
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -123,8 +126,13 @@ class SFTConfig:
         for name, value, valid in checks:
             if value not in valid:
                 raise ValueError(f"{name}={value!r} is not valid; valid: {', '.join(map(str, valid))}")
-        if not 0 < self.validation_size:
-            raise ValueError(f"validation_size={self.validation_size!r} is not valid; a share in (0, 1) or a count >= 1")
+        v = self.validation_size
+        if not (0 < v < 1 or (v >= 1 and float(v).is_integer())):
+            raise ValueError(f"validation_size={v!r} is not valid; a share in (0, 1) or a whole count >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not valid; valid: {', '.join(DTYPES)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps!r} is not valid; an integer >= 1, or None to train num_train_epochs")
         if self.peft == "none" and self.router == "lora":
             raise ValueError("router='lora' needs peft='lora'")
         parse_corruption(self.corruption)
@@ -172,16 +180,19 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     """Make the right parameters trainable: LoRA adapters (or everything) and the router's mode.
 
     The router is frozen by default; ``router="train"`` trains its weight in full (saved through
-    peft's ``modules_to_save``), ``router="lora"`` puts a LoRA on it (``target_parameters``).
+    peft's ``modules_to_save``, which copies the router), ``router="lora"`` puts a LoRA on it
+    (``target_parameters``). A routing patch is taken off while peft wraps the model and put back
+    on the wrapped model, so that it drives the router copies that actually run.
     """
     from ..families import family_of
+    from ..patching import patch, routing_config, unpatch
 
     family = family_of(model)
-    router_names = _router_parameter_names(model)
-    router_leaf = sorted({name.split(".")[-2] for name in router_names})  # e.g. "gate", "router"
+    router_params = _router_parameter_names(model)
+    router_modules = sorted({name.rpartition(".")[0] for name in router_params})  # e.g. model.layers.0.mlp.gate
     if config.peft == "none":
         for name, param in model.named_parameters():
-            param.requires_grad_(config.router == "train" or name not in router_names)
+            param.requires_grad_(config.router == "train" or name not in router_params)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -189,15 +200,24 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     if config.lora_experts:
         target_parameters += [f"{family.experts_attr}.{p.split('.')[-1]}" for p in EXPERT_PARAMETERS]
     if config.router == "lora":
-        target_parameters += [f"{leaf}.weight" for leaf in router_leaf]
+        target_parameters += [f"{name}.weight" for name in router_modules]
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=ATTENTION_TARGETS if config.lora_attention else [],
         target_parameters=target_parameters or None,
-        modules_to_save=router_leaf if config.router == "train" else None,
+        # Full names: peft matches by suffix, and a bare "gate" would also take Qwen2-MoE's
+        # shared_expert_gate.
+        modules_to_save=router_modules if config.router == "train" else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    routing = routing_config(model)
+    if routing is not None:
+        unpatch(model)
+    wrapped = get_peft_model(model, lora)
+    if routing is not None:
+        method = routing.pop("method")
+        patch(wrapped, method, **routing)
+    return wrapped
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
@@ -227,7 +247,9 @@ def perplexity(model: nn.Module, dataset, collator, batch_size: int = 16) -> flo
             count += int((shift_labels != -100).sum())
     finally:
         model.train(was_training)
-    return math.exp(total / max(count, 1))
+    if count == 0:
+        raise ValueError("no label tokens to measure perplexity on (is the validation set empty?)")
+    return math.exp(total / count)
 
 
 def _versions() -> dict[str, str]:
@@ -259,7 +281,8 @@ def load_model(config: SFTConfig):
 
 
 def prepare_data(config: SFTConfig, tokenizer):
-    """(train, validation, corrupted validation) tokenised datasets."""
+    """(train, validation, corrupted validation) tokenised datasets, and facts of the data (sizes,
+    the ``datasets`` fingerprint of the loaded set) for the run's record."""
     from .data import load_alpaca, pack_examples, split_train_validation, tokenize_alpaca
 
     raw = load_alpaca(config.dataset, revision=config.dataset_revision)
@@ -273,7 +296,9 @@ def prepare_data(config: SFTConfig, tokenizer):
         train = pack_examples(train, config.max_length)
     val = tokenize_alpaca(val_raw, tokenizer, max_length=config.max_length)
     val_noisy = tokenize_alpaca(val_raw, tokenizer, max_length=config.max_length, corruption=parse_corruption(config.eval_corruption))
-    return train, val, val_noisy
+    data_info = {"examples": len(raw), "train": len(train_raw), "validation": len(val_raw),
+                 "fingerprint": getattr(raw, "_fingerprint", None)}
+    return train, val, val_noisy, data_info
 
 
 def run_sft(config: SFTConfig) -> dict[str, Any]:
@@ -298,13 +323,14 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     patch(model, config.method, **config.options)
     aux = aux_loss_enabled(config, model)
     model.config.output_router_logits = aux
-    train, val, val_noisy = prepare_data(config, tokenizer)
+    train, val, val_noisy, data_info = prepare_data(config, tokenizer)
     model = add_adapters(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     collator = make_collator(tokenizer)
     args = TrainingArguments(
-        output_dir=str(out), seed=config.seed, data_seed=config.seed, max_steps=config.max_steps,
+        output_dir=str(out), seed=config.seed, data_seed=config.seed,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
         num_train_epochs=config.num_train_epochs, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -333,14 +359,15 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
         "train_loss_mean": train_output.training_loss,
         "validation_perplexity": ppl_clean, "validation_perplexity_corrupted": ppl_noisy,
         "eval_corruption": config.eval_corruption, "validation_examples": len(val),
-        "seconds_per_step": seconds / max(steps_run, 1), "trainable_parameters": len(trainable_parameter_names(unwrapped)),
+        "seconds_per_step": seconds / max(steps_run, 1), "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "routing": _mean_routing(routing_logs),
         "world_size": trainer.args.world_size,
     }
     if trainer.is_world_process_zero():
         save_pretrained(unwrapped, out / "final")
         tokenizer.save_pretrained(out / "final")
-        (out / CONFIG_FILE).write_text(json.dumps({"config": config.to_dict(), "versions": _versions()}, indent=2))
+        saved = {"config": config.to_dict(), "versions": _versions(), "data": data_info}
+        (out / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
         if config.merge and config.peft == "lora":
             merged = unwrapped.merge_and_unload()
