@@ -92,21 +92,12 @@ def _run_comparison(model, batches, cases, out_dir: Path, title: str) -> int:
 
 
 def _load(model: str, revision: str | None, dtype: str, device: str | None):
-    """Model and tokenizer from a Hub id or folder; ``demo`` is the shipped demo model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model (eval mode, on ``device``) and tokenizer; ``demo`` is the shipped demo model."""
+    from .lm import load_model_and_tokenizer
 
-    from .demo_model import demo_model_path
-
-    path = str(demo_model_path()) if model == "demo" else model
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    loaded = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+    loaded, tokenizer = load_model_and_tokenizer(model, revision=revision, dtype=dtype)
     if device:
         loaded.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return loaded.eval(), tokenizer
 
 

@@ -142,17 +142,11 @@ def pack(texts: Sequence[str], tokenizer, block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-@torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
-    """Token-level perplexity of ``model`` on packed ``blocks``."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    """Token-level perplexity of ``model`` on packed ``blocks`` (every next token counts)."""
+    from .lm import perplexity as label_perplexity
+
+    return label_perplexity(model, ({"input_ids": b, "labels": b} for b in blocks.split(batch_size)))
 
 
 def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs | None = None,

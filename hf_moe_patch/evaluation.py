@@ -36,7 +36,7 @@ from torch import nn
 
 from .corruption import Corruption
 from .patching import check_routing, patched, routing_config
-from .report import RoutingCase, parse_case, save_figure
+from .report import RoutingCase, parse_case, save_figure, slug
 from .stats import collect_stats
 from .version import __version__
 
@@ -243,10 +243,6 @@ class ComparisonReport:
         return paths
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")
-
-
 def run_revision(model: nn.Module, settings: dict[str, Any]) -> str:
     """The mteb revision of a run: a hash of the model's name and revision, its resolved routing
     configuration (method and every option), the embedding settings and the package version."""
@@ -326,7 +322,7 @@ def evaluate_routings(
             # Statistics and timing are kept per run and task set, beside mteb's results.
             task_key = hashlib.sha256(json.dumps(sorted(f"{t.metadata.name}@{t.metadata.revision}" for t in task_objects))
                                       .encode()).hexdigest()[:12]
-            stats_path = Path(cache_dir) / "hf_moe_patch_stats" / _slug(name) / f"{revision}-{task_key}.json"
+            stats_path = Path(cache_dir) / "hf_moe_patch_stats" / slug(name) / f"{revision}-{task_key}.json"
             # mteb's cache finds a result by model and task name only: drop ones computed on
             # another build of a task (other seed, sizes or data) so that they are not reused.
             removed = remove_stale_results(cache, encoder, task_objects)

@@ -381,7 +381,9 @@ class MoEEncoder(AbsEncoder):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+            from .lm import auto_dtype
+
+            dtype = auto_dtype(device)
         kwargs = dict(model_kwargs or {})
         if revision is not None:
             kwargs.setdefault("revision", revision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,6 +36,16 @@ class RoutingCase:
     label: str
     method: str
     options: dict[str, Any]
+
+
+def slug(text: str) -> str:
+    """``text`` made safe for a file or folder name (runs of other characters become ``-``).
+
+    Example:
+        >>> slug("usmoe:top_k=1.5,scope=batch")
+        'usmoe-top_k=1.5-scope=batch'
+    """
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")
 
 
 def parse_case(text: str) -> RoutingCase:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..report import parse_case, save_figure
+from ..report import parse_case, save_figure, slug
 from .sft import SFTConfig, run_sft
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def case_config(base: SFTConfig, spec: str, out_dir: str | Path) -> SFTConfig:
     case = parse_case(spec)
     options = dict(case.options)
     aux = options.pop("aux_loss", base.aux_loss)
-    folder = re.sub(r"[^A-Za-z0-9_.=-]+", "-", spec).strip("-")
+    folder = slug(spec)
     return dataclasses.replace(base, method=case.method, options=options, aux_loss=aux,
                                output_dir=str(Path(out_dir) / folder), resume_from_checkpoint=None)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +42,12 @@ import torch
 from torch import nn
 
 from ..corruption import parse_corruption
+from ..lm import DTYPES
 from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
 AUX_LOSS = ("auto", "on", "off")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTER_MODES = ("frozen", "train", "lora")
 # Attention projections of every supported family (DeepSeek-V3's low-rank ones included); peft
 # adapts those that exist.
@@ -171,9 +170,7 @@ def _router_parameter_names(model: nn.Module) -> list[str]:
     from ..families import family_of
     from ..patching import find_sites
 
-    sites = find_sites(model, family_of(model))
-    owner = {id(site.router): site.name for site in sites}
-    return [f"{owner[id(m)]}.{p}" for m in (s.router for s in sites) for p, _ in m.named_parameters(recurse=False) if id(m) in owner]
+    return [f"{site.name}.{p}" for site in find_sites(model, family_of(model)) for p, _ in site.router.named_parameters(recurse=False)]
 
 
 def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
@@ -224,32 +221,13 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, dataset, collator, batch_size: int = 16) -> float:
-    """Perplexity over the label tokens (``labels != -100``) of a tokenised dataset.
+    """Perplexity over the label tokens (``labels != -100``) of a tokenised dataset
+    (:func:`hf_moe_patch.lm.perplexity`: from the logits, so no auxiliary loss enters it)."""
+    from ..lm import perplexity as label_perplexity
 
-    Computed from the logits, not the model's loss, so that an auxiliary loss never enters it.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collator(rows)
-            labels = batch.pop("labels").to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            loss = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                               ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((shift_labels != -100).sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("no label tokens to measure perplexity on (is the validation set empty?)")
-    return math.exp(total / count)
+    starts = range(0, len(dataset), batch_size)
+    return label_perplexity(model, (collator([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]) for s in starts))
 
 
 def _versions() -> dict[str, str]:
@@ -264,20 +242,9 @@ def _versions() -> dict[str, str]:
 
 def load_model(config: SFTConfig):
     """The model and tokenizer of ``config.model`` (``"demo"``: the shipped demo model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..lm import load_model_and_tokenizer
 
-    from ..demo_model import demo_model_path
-
-    path = str(demo_model_path()) if config.model == "demo" else config.model
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_model_and_tokenizer(config.model, revision=config.revision, dtype=config.dtype)
 
 
 def prepare_data(config: SFTConfig, tokenizer):
