@@ -58,7 +58,6 @@ def router_shapes(grid: str) -> list[tuple[int, int]]:
     """(N, k) pairs of the router section: the three models' own, or every N with every k."""
     return ROUTER_SHAPES if grid == "models" else [(n, k) for n in ROUTER_EXPERTS for k in ROUTER_TOPK]
 ROUTER_TOKENS = [512, 4096, 16384]
-INFO_ATTR = "_hf_moe_patch_info"  # what a patched router reports about its last call
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -185,7 +184,12 @@ def patch_variant(model, method: str | None, options: dict):
 
 
 def router_info(model) -> dict:
-    return dict(model.model.layers[0].mlp.gate.__dict__.get(INFO_ATTR, {}))
+    """What the first patched router reported about its last call in this thread (SSR: ``sinkhorn``)."""
+    from hf_moe_patch.patching import find_record
+
+    record = find_record(model)
+    step = record.slot.current() if record is not None else None
+    return dict(step.info.get(0, {})) if step is not None else {}
 
 
 # --- section 1: router alone -----------------------------------------------------------------

@@ -65,7 +65,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_routing import INFO_ATTR, Variant, _load, fmt_ratio, interleaved, start_run, summarise, write_report  # noqa: E402
+from bench_routing import Variant, router_info, _load, fmt_ratio, interleaved, start_run, summarise, write_report  # noqa: E402
 
 import hf_moe_patch as hmp  # noqa: E402
 from hf_moe_patch.demo_model import corpus, demo_model_path, pack  # noqa: E402
@@ -155,7 +155,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=lr)
         self.mask = torch.ones_like(data[0])
         self.aux_seen = False  # whether the last step's output carried an aux loss
-        self.router = None
 
     def step(self):
         ids = self.data[self.i % len(self.data)]
@@ -169,9 +168,7 @@ class Trainer:
 
     def router_info(self) -> dict:
         """What the first patched router reported about its last call (SSR: ``sinkhorn``)."""
-        if self.router is None:
-            self.router = next((m for m in self.model.modules() if INFO_ATTR in m.__dict__), None)
-        return {} if self.router is None else dict(self.router.__dict__[INFO_ATTR])
+        return router_info(self.model)
 
 
 def build_variants(base, name: str, data: list[torch.Tensor], lr: float) -> tuple[list[Variant], dict, dict]:

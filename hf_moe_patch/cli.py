@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 logger = logging.getLogger("hf_moe_patch")
 
@@ -78,13 +78,14 @@ def _cases(model, texts: Sequence[str], top_k: Sequence[str] | None = None):
 
 
 def _run_comparison(model, batches, cases, out_dir: Path, title: str) -> int:
+    from .io import atomic_write_text
     from .report import compare_routings, markdown_table, plot_load
 
     rows = compare_routings(model, batches, cases)
     table = markdown_table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "routing_stats.json").write_text(json.dumps(rows, indent=2, default=str))
-    (out_dir / "routing_stats.md").write_text(f"# {title}\n\n{table}\n")
+    atomic_write_text(out_dir / "routing_stats.json", json.dumps(rows, indent=2, default=str))
+    atomic_write_text(out_dir / "routing_stats.md", f"# {title}\n\n{table}\n")
     png = plot_load(rows, out_dir / "routing_load.png")
     print(f"\n{title}\n\n{table}\n")
     print(f"wrote {out_dir / 'routing_stats.json'}, {out_dir / 'routing_stats.md'} and {png}")
@@ -153,11 +154,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                            "Routing statistics of the demo model on held-out WordNet text")
 
 
-def _cmd_train_demo(args: argparse.Namespace) -> int:
-    from .demo_model import DemoTrainingArgs, train_demo_model
+def _fail(message: str) -> NoReturn:
+    """Exit with one line on stderr, ``hf-moe-patch: error: MESSAGE``, and status 2 (argparse's
+    status for bad arguments)."""
+    print(f"hf-moe-patch: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
-    train_args = DemoTrainingArgs(arch=args.arch, seed=args.seed, steps=args.steps)
-    out = train_demo_model(args.out, train_args)
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .demo_model import DemoTrainingArgs, demo_output_dir, train_demo_model
+    from .wordnet import load_wordnet
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoTrainingArgs)
+             if getattr(args, f.name, None) is not None}
+    # Arguments and output folder are checked before the corpus, the tokenizer or the model is
+    # built: a bad value fails in a second, and never after a run has replaced a folder.
+    try:
+        train_args = DemoTrainingArgs(**given)
+        out = demo_output_dir(args.out, train_args.arch, force=args.force)
+    except (ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    wordnet = load_wordnet(args.wordnet) if args.wordnet else None
+    out = train_demo_model(out, train_args, wordnet=wordnet, force=args.force)
     print((out / "README.md").read_text())
     return 0
 
@@ -247,6 +267,20 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_demo_training_options(p: argparse.ArgumentParser) -> None:
+    """One option per numeric field of DemoTrainingArgs (``--steps``, ``--batch-size``, ...),
+    default: the field's default (the shipped model's setting)."""
+    import dataclasses
+
+    from .demo_model import DemoTrainingArgs
+
+    for f in dataclasses.fields(DemoTrainingArgs):
+        if f.type in ("int", "float", int, float):
+            kind = int if f.type in ("int", int) else float
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, metavar=kind.__name__.upper(),
+                           help=f"default {f.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-moe-patch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,9 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-demo", help="pretrain the demo model on WordNet from nothing (about 30 min on 2 CPU cores)")
     p.add_argument("--arch", default="olmoe", choices=["olmoe", "mixtral"])
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: the package's shipped assets folder)")
+    add_demo_training_options(p)
+    p.add_argument("--wordnet", help="folder of WordNet's data.* files (default: /usr/share/wordnet)")
+    p.add_argument("--out", help="output folder (default: ./demo-ARCH-wordnet in the working directory)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that is not empty, or into the package's shipped assets "
+                        "(replacing the shipped demo model)")
     p.set_defaults(func=_cmd_train_demo)
 
     def add_sft_options(p: argparse.ArgumentParser) -> None:
@@ -340,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--logging-steps", type=int)
         p.add_argument("--save-steps", type=int)
         p.add_argument("--resume-from-checkpoint", help="a checkpoint folder of this run's output dir")
+        p.add_argument("--allow-routing-change", action="store_true", default=None,
+                       help="resume from a checkpoint trained under another routing (method, options or aux loss); "
+                            "refused without it")
         p.add_argument("--merge", action="store_true", default=None, help="also save the adapter merged into the model")
         p.add_argument("--dtype", help="auto (bf16 on GPUs that support it, else float32), float32, bfloat16")
         p.add_argument("--gradient-checkpointing", action="store_true", default=None)

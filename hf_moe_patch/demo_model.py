@@ -9,6 +9,8 @@ local mteb tasks, so the model is evaluated on glosses and examples it never saw
 
 The result is an ordinary transformers checkpoint (``config.json``, ``model.safetensors``,
 ``tokenizer.json``), shipped in ``hf_moe_patch/assets/`` and loaded with ``from_pretrained``.
+A new build goes to ``./demo-<arch>-wordnet`` by default; it never replaces a non-empty folder,
+nor writes into the shipped assets, unless asked to with ``force=True`` (``--force``).
 
 Example:
     >>> from transformers import AutoModelForCausalLM
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .io import atomic_write_text
 from .version import __version__
 from .wordnet import POS_NAMES, WordNet, load_wordnet, split_of
 
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 DEMO_MODELS = {"olmoe": "demo-olmoe-wordnet", "mixtral": "demo-mixtral-wordnet"}
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+MAX_POSITIONS = 512  # max_position_embeddings of the demo models
 
 
 def demo_model_path(arch: str = "olmoe") -> Path:
@@ -47,7 +51,8 @@ def demo_model_path(arch: str = "olmoe") -> Path:
         raise ValueError(f"arch={arch!r} is not a demo architecture; valid: {sorted(DEMO_MODELS)}")
     path = ASSETS / DEMO_MODELS[arch]
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the {arch} demo model is not in {path}; build it with `hf-moe-patch train-demo --arch {arch}`")
+        raise FileNotFoundError(f"the {arch} demo model is not in {path}; build it with "
+                                f"`hf-moe-patch train-demo --arch {arch} --out {path} --force`")
     return path
 
 
@@ -68,9 +73,49 @@ def corpus(wordnet: WordNet, split: str) -> list[str]:
     return [synset_document(s) for s in wordnet if split_of(s) == split]
 
 
+# Valid values of the numeric training arguments: (kind, lowest, highest, description). Checked
+# before any work, so that a typo fails in a second rather than after (or instead of) a long run.
+_INT, _FLOAT = "an integer", "a number"
+ARG_RULES: dict[str, tuple[str, float, float | None, str]] = {
+    "seed": (_INT, 0, None, "an integer >= 0"),
+    # The byte-level alphabet (256) and the special tokens are always in the vocabulary.
+    "vocab_size": (_INT, 256 + len(SPECIAL_TOKENS), None, f"an integer >= {256 + len(SPECIAL_TOKENS)}"),
+    "hidden_size": (_INT, 1, None, "an integer >= 1"),
+    "num_hidden_layers": (_INT, 1, None, "an integer >= 1"),
+    "num_attention_heads": (_INT, 1, None, "an integer >= 1"),
+    "intermediate_size": (_INT, 1, None, "an integer >= 1"),
+    "num_experts": (_INT, 1, None, "an integer >= 1"),
+    "num_experts_per_tok": (_INT, 1, None, "an integer >= 1"),
+    "router_aux_loss_coef": (_FLOAT, 0.0, None, "a number >= 0"),
+    # A block predicts its tokens from the ones before: at least 2; at most the model's positions.
+    "block_size": (_INT, 2, MAX_POSITIONS, f"an integer in [2, {MAX_POSITIONS}]"),
+    "batch_size": (_INT, 1, None, "an integer >= 1"),
+    "steps": (_INT, 1, None, "an integer >= 1"),
+    "learning_rate": (_FLOAT, 0.0, None, "a number > 0"),
+    "warmup_steps": (_INT, 0, None, "an integer >= 0"),
+    "weight_decay": (_FLOAT, 0.0, None, "a number >= 0"),
+    "eval_blocks": (_INT, 1, None, "an integer >= 1"),
+}
+
+
+def _invalid(name: str, value: Any, valid: str) -> ValueError:
+    """The error for one argument: its Python and command-line names, the value, the valid range."""
+    return ValueError(f"{name}={value!r} is not valid (--{name.replace('_', '-')}); valid: {valid}")
+
+
 @dataclass
 class DemoTrainingArgs:
-    """Everything that determines the demo model; saved next to the weights."""
+    """Everything that determines the demo model; saved next to the weights.
+
+    Every value is checked when the object is made (and again by :func:`train_demo_model`): a
+    ``ValueError`` names the argument (and its command-line option), the value and the valid range.
+
+    Example:
+        >>> DemoTrainingArgs(steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: steps=0 is not valid (--steps); valid: an integer >= 1
+    """
 
     arch: str = "olmoe"
     seed: int = 0
@@ -90,6 +135,60 @@ class DemoTrainingArgs:
     weight_decay: float = 0.1
     eval_blocks: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for the first argument outside its valid range."""
+        if self.arch not in DEMO_MODELS:
+            raise ValueError(f"arch={self.arch!r} is not a demo architecture (--arch); valid: {sorted(DEMO_MODELS)}")
+        for name, (kind, low, high, valid) in ARG_RULES.items():
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            is_number = is_int or (kind == _FLOAT and isinstance(value, float) and math.isfinite(value))
+            if not is_number:
+                raise _invalid(name, value, valid)
+            # learning_rate is the one bound that excludes its end.
+            if value < low or (name == "learning_rate" and value <= low) or (high is not None and value > high):
+                raise _invalid(name, value, valid)
+        if self.num_experts_per_tok > self.num_experts:
+            raise _invalid("num_experts_per_tok", self.num_experts_per_tok, f"an integer in [1, num_experts={self.num_experts}]")
+        if self.hidden_size % (2 * self.num_attention_heads):
+            # Rotary embeddings rotate pairs of dimensions: every head needs an even size.
+            raise _invalid("hidden_size", self.hidden_size, f"a multiple of 2 x num_attention_heads={self.num_attention_heads} "
+                                                            f"(an even size per head)")
+
+
+def demo_output_dir(out_dir: str | Path | None, arch: str = "olmoe", force: bool = False) -> Path:
+    """Where :func:`train_demo_model` writes: ``out_dir``, or ``./demo-<arch>-wordnet`` in the
+    working directory. Refuses (``FileExistsError``), unless ``force``, a folder that is not empty
+    and any folder inside the package's shipped assets (a build must not replace the shipped
+    demo model by accident); a path that is a file is always refused.
+
+    Example:
+        >>> demo_output_dir(None).name
+        'demo-olmoe-wordnet'
+        >>> demo_output_dir(ASSETS / "demo-olmoe-wordnet")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileExistsError: out_dir=... is in the package's shipped assets ...
+    """
+    if arch not in DEMO_MODELS:
+        raise ValueError(f"arch={arch!r} is not a demo architecture (--arch); valid: {sorted(DEMO_MODELS)}")
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / DEMO_MODELS[arch]
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out_dir={str(out)!r} is a file, not a folder (--out)")
+    if force:
+        return out
+    resolved, assets = out.resolve(), ASSETS.resolve()
+    if resolved == assets or assets in resolved.parents:
+        raise FileExistsError(f"out_dir={str(out)!r} is in the package's shipped assets ({assets}) (--out); pass "
+                              f"force=True (--force) to replace the shipped demo model, or choose another folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"out_dir={str(out)!r} exists and is not empty (--out); pass force=True (--force) "
+                              f"to write into it (files of the same name are replaced), or choose another folder")
+    return out
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
@@ -121,7 +220,7 @@ def build_config(args: DemoTrainingArgs, tokenizer):
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_attention_heads,
         intermediate_size=args.intermediate_size, num_experts_per_tok=args.num_experts_per_tok,
         router_aux_loss_coef=args.router_aux_loss_coef, output_router_logits=False,
-        max_position_embeddings=512, tie_word_embeddings=True,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     if args.arch == "olmoe":
@@ -150,12 +249,23 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
 
 
 def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs | None = None,
-                     wordnet: WordNet | None = None, progress: bool = True) -> Path:
+                     wordnet: WordNet | None = None, progress: bool = True, force: bool = False) -> Path:
     """Pretrain the demo model from nothing and save it (weights in bf16, a few MB) with its
     tokenizer, its training arguments and a report (validation perplexity, routing statistics).
 
+    Args:
+        out_dir: the output folder (default ``./demo-<arch>-wordnet``); see :func:`demo_output_dir`
+            for the folders refused without ``force``.
+        args: the training arguments (default: those of the shipped model).
+        wordnet: the WordNet database (default: :func:`~hf_moe_patch.wordnet.load_wordnet`).
+        force: write into a non-empty folder, or into the package's shipped assets.
+
+    The arguments and the output folder are checked before any work (``ValueError`` /
+    ``FileExistsError`` naming the argument, the value and what is valid).
+
     Example:
         >>> train_demo_model("demo", DemoTrainingArgs(steps=2000))  # doctest: +SKIP
+        PosixPath('demo')
     """
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
@@ -163,7 +273,8 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
     from .stats import collect_stats
 
     args = args or DemoTrainingArgs()
-    out = Path(out_dir) if out_dir is not None else ASSETS / DEMO_MODELS[args.arch]
+    args.validate()  # again: the fields may have been changed since the object was made
+    out = demo_output_dir(out_dir, args.arch, force)
     wordnet = wordnet or load_wordnet()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -173,6 +284,9 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
     train_blocks = pack(train_texts, tokenizer, args.block_size)
     eval_blocks = pack(heldout_texts, tokenizer, args.block_size)[: args.eval_blocks]
     logger.info("corpus: %d train blocks, %d eval blocks of %d tokens", len(train_blocks), len(eval_blocks), args.block_size)
+    if not len(train_blocks) or not len(eval_blocks):
+        raise _invalid("block_size", args.block_size, f"at most the length of the {'training' if not len(train_blocks) else 'held-out'} "
+                                                      f"text of this WordNet, in tokens")
 
     config = build_config(args, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -227,8 +341,8 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
         "validation_perplexity": round(val_ppl_saved, 3), "validation_tokens": int(eval_blocks[:, 1:].numel()),
         "routing_stats": stats.summary(), "history": history,
     }
-    (out / "training_report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "README.md").write_text(_model_card(report))
+    atomic_write_text(out / "training_report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(out / "README.md", _model_card(report))
     logger.info("demo model saved to %s (validation perplexity %.2f)", out, val_ppl_saved)
     return out
 

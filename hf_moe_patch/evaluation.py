@@ -12,7 +12,8 @@ read back from the cache instead of recomputed.
 
 While encoding, routing statistics are collected; the mean number of selected (token, expert)
 pairs per token is the expert compute, reported next to the scores so that fractional budgets
-show their cost/quality trade-off. Statistics are cached beside mteb's results.
+show their cost/quality trade-off. Statistics are cached beside mteb's results, written atomically
+(:mod:`hf_moe_patch.io`) so that an interrupted run never leaves an entry that breaks the next.
 
 Example:
     >>> report = evaluate_routings(model, tokenizer, ["topk", "usmoe", "usmoe:top_k=0.75x"],
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .corruption import Corruption
+from .io import atomic_path, atomic_write_text, read_json_or_none
 from .patching import check_routing, patched, routing_config
 from .report import RoutingCase, parse_case, save_figure, slug
 from .stats import collect_stats
@@ -232,15 +234,41 @@ class ComparisonReport:
         return save_figure(fig, path)
 
     def write(self, out_dir: str | Path, stem: str = "mteb_comparison") -> dict[str, Path]:
-        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``."""
+        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``, each atomically
+        (:mod:`hf_moe_patch.io`); returns their paths.
+
+        Example:
+            >>> report.write("mteb_out")["md"]  # doctest: +SKIP
+            PosixPath('mteb_out/mteb_comparison.md')
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        # Each file is replaced whole or not at all: an interrupted write never leaves a truncated one.
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2, default=str))
         title = self.settings.get("title") or "MTEB comparison of routings"
-        paths["md"].write_text(f"# {title}\n\n{self.to_markdown()}\n")
-        self.plot(paths["png"])
+        atomic_write_text(paths["md"], f"# {title}\n\n{self.to_markdown()}\n")
+        with atomic_path(paths["png"]) as tmp:
+            self.plot(tmp)
         return paths
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    """A run's cached routing statistics and time, or None when missing or unusable (a file
+    truncated by a crash, an older layout): the run is then evaluated again.
+
+    Example:
+        >>> _read_stats(Path("no/such/stats.json")) is None
+        True
+    """
+    saved = read_json_or_none(path, required=("summary", "seconds"))
+    if saved is None:
+        return None
+    seconds = saved["seconds"]
+    if not isinstance(saved["summary"], dict) or not (seconds is None or isinstance(seconds, (int, float))):
+        logger.warning("ignoring %s: unexpected content; it will be recomputed", path)
+        return None
+    return saved
 
 
 def run_revision(model: nn.Module, settings: dict[str, Any]) -> str:
@@ -288,7 +316,10 @@ def evaluate_routings(
         corruption: corrupt every task text before encoding (see :mod:`hf_moe_patch.corruption`).
         cache_dir: mteb's ``ResultCache`` folder (plus our routing statistics).
         out_dir: where to write the JSON, markdown and PNG comparison (None: do not write).
-        overwrite: recompute runs that are in the cache.
+        overwrite: recompute runs that are in the cache: scores, routing statistics and time are
+            all measured again (``cached=False``) and replace the cache entries. Without it, an
+            unreadable cache entry (e.g. truncated by a crash) counts as missing: a warning is
+            logged and the run is recomputed.
 
     Example:
         >>> report = evaluate_routings(model, tok, ["topk", "usmoe"], ["WordNetLexnameClustering"])  # doctest: +SKIP
@@ -329,23 +360,24 @@ def evaluate_routings(
             if removed:
                 logger.info("%s: recomputing %d cached results of other task builds", case.label, len(removed))
             meta = encoder.mteb_model_meta
-            all_cached = stats_path.is_file() and all(
-                Path(cache.get_task_result_path(t.metadata.name, meta)).is_file() for t in task_objects)
+            # overwrite: nothing is read back, so scores, statistics and time are all fresh.
+            saved = None if overwrite else _read_stats(stats_path)
+            all_cached = saved is not None and all(
+                read_json_or_none(cache.get_task_result_path(t.metadata.name, meta)) is not None for t in task_objects)
             # Anything missing: run every task again, so that the statistics and the time cover the
             # whole task set (a partial reuse would mix runs).
             start = time.perf_counter()
             with collect_stats(model) as stats:
                 result = mteb.evaluate(encoder, task_objects, cache=cache,
-                                       overwrite_strategy="always" if (overwrite or not all_cached) else "only-missing",
+                                       overwrite_strategy="only-missing" if all_cached else "always",
                                        show_progress_bar=progress)
             seconds = time.perf_counter() - start
-            if not all_cached:
-                summary, cached = stats.summary(), False
-                stats_path.parent.mkdir(parents=True, exist_ok=True)
-                stats_path.write_text(json.dumps({"summary": summary, "seconds": seconds}))
-            else:  # every task came from the cache: so do its statistics and time
-                saved = json.loads(stats_path.read_text())
+            if all_cached:  # every task came from the cache: so do its statistics and time
                 summary, seconds, cached = saved["summary"], saved["seconds"], True
+            else:
+                summary, cached = stats.summary(), False
+                # Atomic: a run killed while writing must not leave a cache entry that breaks later runs.
+                atomic_write_text(stats_path, json.dumps({"summary": summary, "seconds": seconds}))
         scores = {r.task_name: float(r.get_score()) for r in result.task_results}
         # From our task objects: TaskResult.task_type looks the name up in mteb's registry,
         # which does not know local tasks.

@@ -17,8 +17,17 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .methods import StepState
-from .patching import INFO_ATTR, RECORD_ATTR, LayoutHook, find_base_model, find_record, find_sites, layer_number
+from .patching import (
+    RECORD_ATTR,
+    ForwardArguments,
+    LayoutHook,
+    LayoutRelease,
+    LayoutSlot,
+    find_base_model,
+    find_record,
+    find_sites,
+    layer_number,
+)
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -163,22 +172,28 @@ def collect_stats(model: nn.Module) -> Iterator[RoutingStats]:
     record = find_record(model)
     sites = find_sites(model, family)
     base = find_base_model(model, family)
-    # Our own layout record, used while the model is not patched; a patch (also one made inside
-    # the block) keeps its own, which the hooks look up on every call.
-    own_step = StepState()
-    handles = [base.register_forward_pre_hook(LayoutHook(own_step), with_kwargs=True)]
+    # Our own layout per forward, whatever the patch (or none) reads: padding is never counted.
+    slot = LayoutSlot()
+    handles = [
+        base.register_forward_pre_hook(LayoutHook(slot, ForwardArguments.of(base)), with_kwargs=True),
+        base.register_forward_hook(LayoutRelease(slot), with_kwargs=True, always_call=True),
+    ]
     layers = []
     for site in sites:
         layer = LayerStats(site.name, layer_number(site.name), int(site.router.num_experts))
         layers.append(layer)
 
-        def hook(module: nn.Module, args: tuple, output: tuple, layer: LayerStats = layer) -> None:
+        def hook(module: nn.Module, args: tuple, output: tuple, layer: LayerStats = layer, position: int = site.layer) -> None:
             logits, weights, index = output[0], output[1], output[2]
-            active = base.__dict__.get(RECORD_ATTR)
-            valid = (active.step if active is not None else own_step).valid
+            step = slot.current()
+            valid = step.valid if step is not None else None
             if valid is not None and valid.numel() != index.shape[0]:
                 valid = None
-            layer.update(logits, weights, index, valid, module.__dict__.get(INFO_ATTR, {}))
+            # What the routing method noted for this layer (Sinkhorn iterations...), if patched.
+            active = base.__dict__.get(RECORD_ATTR)
+            active_step = active.slot.current() if active is not None else None
+            info = active_step.info.get(position, {}) if active_step is not None else {}
+            layer.update(logits, weights, index, valid, info)
 
         handles.append(site.router.register_forward_hook(hook))
     stats = RoutingStats(layers, record.method.name if record is not None else None)

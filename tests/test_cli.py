@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import SMALL_TASKS, WORDNET_FIXTURE
+from conftest import SMALL_TASKS, TINY_DEMO, WORDNET_FIXTURE
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -129,3 +129,52 @@ def test_push_end_to_end_against_a_local_hub(tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "modeling_hf_moe_patch.py"} <= set(commit["files"])
     assert json.loads(commit["files"]["config.json"])["moe_routing"]["options"]["top_k"] == 1.5
     assert "| STSBenchmark | 0.5 |" in commit["files"]["README.md"].decode()
+
+
+# The tiny demo configuration of the tests, as train-demo options, on the fixture WordNet.
+TINY_TRAIN = [item for key, value in TINY_DEMO.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+TINY_TRAIN += ["--wordnet", str(WORDNET_FIXTURE)]
+
+
+def files(folder):
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", "0", "steps=0 is not valid (--steps); valid: an integer >= 1"),
+    ("--steps", "-1", "steps=-1 is not valid (--steps); valid: an integer >= 1"),
+    ("--batch-size", "0", "batch_size=0 is not valid (--batch-size); valid: an integer >= 1"),
+    ("--block-size", "1", "block_size=1 is not valid (--block-size); valid: an integer in [2, 512]"),
+    ("--learning-rate", "0", "learning_rate=0.0 is not valid (--learning-rate); valid: a number > 0"),
+])
+def test_train_demo_rejects_bad_numbers_in_one_line_before_any_work(tmp_path, option, value, message):
+    out = run("train-demo", *TINY_TRAIN, option, value, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"hf-moe-patch: error: {message}"
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_train_demo_writes_a_new_folder_never_the_shipped_model(tmp_path):
+    """Default output: ./demo-olmoe-wordnet. A non-empty folder, or the shipped assets, only with
+    --force; a refused run leaves every file as it was."""
+    from hf_moe_patch.demo_model import ASSETS
+
+    shipped = files(ASSETS)
+    first = run("train-demo", *TINY_TRAIN, "--steps", "3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "demo-olmoe-wordnet"
+    assert (out / "config.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["demo-olmoe-wordnet"]
+    before = files(out)
+    again = run("train-demo", *TINY_TRAIN, "--steps", "4", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("hf-moe-patch: error: out_dir=") and "not empty" in again.stderr
+    assert "--force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert files(out) == before
+    for folder in (ASSETS / "demo-olmoe-wordnet", ASSETS / "demo-mixtral-wordnet"):
+        refused = run("train-demo", *TINY_TRAIN, "--out", str(folder), cwd=tmp_path)
+        assert refused.returncode == 2 and "shipped assets" in refused.stderr and "--force" in refused.stderr
+    forced = run("train-demo", *TINY_TRAIN, "--steps", "4", "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((out / "training_report.json").read_text())["args"]["steps"] == 4
+    assert files(ASSETS) == shipped and not (ASSETS / "demo-mixtral-wordnet").exists()

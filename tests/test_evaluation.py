@@ -141,3 +141,57 @@ def test_a_partly_cached_task_set_is_evaluated_whole(loaded, tmp_path):
     assert both.runs[0].scores["WordNetWuPalmerSTS"] == pytest.approx(one.runs[0].scores["WordNetWuPalmerSTS"], abs=1e-4)
     again = run(loaded, tmp_path, ["usmoe:top_k=1.0"], tasks=["WordNetWuPalmerSTS", "WordNetLexnameClustering"])
     assert again.runs[0].cached and again.runs[0].stats == both.runs[0].stats
+
+
+def stats_file(tmp_path):
+    (path,) = (tmp_path / "cache" / "hf_moe_patch_stats").rglob("*.json")
+    return path
+
+
+def test_overwrite_measures_statistics_and_time_afresh(loaded, tmp_path):
+    """--overwrite recomputes the scores, so the statistics and the time must be new too, not
+    read back from the cache beside them."""
+    first = run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"])
+    path = stats_file(tmp_path)
+    # A cache entry that no measurement could give: reading it back would show.
+    path.write_text(json.dumps({"summary": {"experts_per_token_mean": 99.0}, "seconds": 12345.0}))
+    assert run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"]).runs[0].stats == {"experts_per_token_mean": 99.0}
+    fresh = run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"], overwrite=True).runs[0]
+    assert not fresh.cached
+    assert fresh.stats == first.runs[0].stats and fresh.stats["experts_per_token_mean"] == pytest.approx(2.0)
+    assert fresh.encode_seconds != 12345.0 and 0 < fresh.encode_seconds < 600
+    assert fresh.scores == pytest.approx(first.runs[0].scores, abs=1e-4)
+    # The cache now holds the new measurement, and the next plain run reuses it.
+    assert json.loads(path.read_text()) == {"summary": fresh.stats, "seconds": fresh.encode_seconds}
+    again = run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"]).runs[0]
+    assert again.cached and again.stats == fresh.stats and again.encode_seconds == fresh.encode_seconds
+
+
+@pytest.mark.parametrize("content", ['{"summary": {', "", '{"seconds": 1.0}', '["not", "a", "record"]'])
+def test_an_unreadable_statistics_entry_is_recomputed_not_fatal(loaded, tmp_path, caplog, content):
+    """A stats file cut short by a crash (or otherwise unusable) counts as missing: warned
+    about and measured again, instead of failing every later run."""
+    first = run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"])
+    path = stats_file(tmp_path)
+    path.write_text(content)
+    with caplog.at_level("WARNING", logger="hf_moe_patch"):
+        again = run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"]).runs[0]
+    assert not again.cached and again.stats == first.runs[0].stats
+    assert any(str(path) in r.getMessage() and "recomputed" in r.getMessage() for r in caplog.records)
+    assert json.loads(path.read_text())["summary"] == again.stats  # replaced by a whole entry
+    assert run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"]).runs[0].cached
+    # Written atomically: no temporary file is left beside the entries or the report.
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_report_files_are_replaced_whole(loaded, tmp_path):
+    """A report write that fails half-way leaves the previous file as it was (a plain write
+    would have truncated it), and no temporary file behind."""
+    report = run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmerSTS"], out_dir=None)
+    paths = report.write(tmp_path / "out")
+    before = paths["md"].read_text()
+    report.settings["title"] = "a title utf-8 cannot encode \ud800"  # fails while the .md is written
+    with pytest.raises(UnicodeEncodeError):
+        report.write(tmp_path / "out")
+    assert paths["md"].read_text() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mteb_comparison.json", "mteb_comparison.md", "mteb_comparison.png"]

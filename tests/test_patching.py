@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hf_moe_patch as hmp
+from hf_moe_patch.errors import LayoutError
 from hf_moe_patch.families import family_of
 from hf_moe_patch.patching import find_sites
 from hf_moe_patch.testing import tiny_model
@@ -451,7 +452,14 @@ def test_valid_mask_from_4d_masks():
     decode = torch.zeros(2, 1, 1, 5)
     decode[1, 0, 0, 2] = torch.finfo(torch.float32).min
     assert valid_mask(decode, 1, past_length=2).tolist() == [[True], [False]]
-    assert valid_mask(torch.zeros(2, 1, 4, 4), 3) is None  # shape does not match: unknown
+    # a layout that cannot be read fails loudly instead of routing every token as valid
+    with pytest.raises(LayoutError, match="does not match 3 current tokens"):
+        valid_mask(torch.zeros(2, 1, 4, 4), 3)
+    with pytest.raises(LayoutError, match="does not match 5 current tokens"):
+        valid_mask(torch.ones(2, 3), 5)
+    with pytest.raises(LayoutError, match="KV cache's length is unknown"):
+        valid_mask(torch.zeros(2, 1, 1, 5), 1, past_length=None)
+    assert valid_mask(None, 3) is None  # no mask: every token is valid
 
 
 @pytest.mark.parametrize("impl", ["eager", "batched_mm"])

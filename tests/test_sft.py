@@ -127,15 +127,27 @@ def test_corrupted_validation_differs_and_outputs_reproduce_the_run(alpaca_file,
     torch.testing.assert_close(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: several make CPU backward passes run-to-run nondeterministic (the
+    backward of advanced indexing, index_put_ with accumulate, adds in parallel in any order), so
+    that even two uninterrupted runs differ in the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("method, options", [("topk", {}), ("ssr", {"p": 0.5})])
-def test_resume_from_checkpoint_continues_the_same_run(alpaca_file, tmp_path, method, options):
-    """A run resumed from its step-8 checkpoint ends where the uninterrupted run ends: same losses
-    at every later step, same adapter (SSR's coins come from torch's RNG, which checkpoints keep).
-    A resumed SSR run with different coins would differ by far more than the tolerance."""
+def test_resume_from_checkpoint_continues_the_same_run(alpaca_file, tmp_path, one_thread, method, options):
+    """A run resumed from its step-8 checkpoint is the uninterrupted run: the same loss in every
+    logged window, the same train_loss_mean (over all 16 steps, not the 8 after the resume), the
+    same adapter (SSR's coins come from torch's RNG, which checkpoints keep). Logging every 3
+    steps puts the checkpoint and the last step inside logging windows."""
     import shutil
 
-    whole = config(alpaca_file, tmp_path / "whole", method=method, options=options, max_steps=16, save_steps=8, logging_steps=1)
-    run_sft(whole)
+    whole = config(alpaca_file, tmp_path / "whole", method=method, options=options, max_steps=16, save_steps=8, logging_steps=3)
+    uninterrupted = run_sft(whole)
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(tmp_path / "whole" / "run" / "checkpoint-8", part / "checkpoint-8")  # the run, interrupted at step 8
@@ -146,16 +158,73 @@ def test_resume_from_checkpoint_continues_the_same_run(alpaca_file, tmp_path, me
         state = json.loads((folder / "checkpoint-16" / "trainer_state.json").read_text())
         return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
 
-    # Equal up to float rounding: multi-threaded CPU kernels may sum in another order after a
-    # reload (bit-for-bit with one thread).
-    resumed_losses, whole_losses = losses(part), losses(tmp_path / "whole" / "run")
-    assert [step for step, _ in resumed_losses] == [step for step, _ in whole_losses]
-    assert [loss for _, loss in resumed_losses] == pytest.approx([loss for _, loss in whole_losses], rel=1e-5)
+    whole_losses = losses(tmp_path / "whole" / "run")
+    assert losses(part) == whole_losses  # bit for bit (one thread)
+    for key in ("train_loss_mean", "train_loss_first", "train_loss_last", "validation_perplexity"):
+        assert resumed[key] == uninterrupted[key], key
+    # Logged at every logging step, at the checkpoint and at the last step: windows cover all steps.
+    assert [step for step, _ in whole_losses] == [3, 6, 8, 9, 12, 15, 16]
+    windows = [b - a for a, b in zip([0] + [s for s, _ in whole_losses], [s for s, _ in whole_losses])]
+    assert uninterrupted["train_loss_mean"] == pytest.approx(sum(w * l for w, (_, l) in zip(windows, whole_losses)) / 16, rel=1e-12)
     a = load_file(tmp_path / "whole" / "run" / "final" / "adapter_model.safetensors")
     b = load_file(part / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-4)
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["resumed_from_step"] == 8 and "resumed_from_step" not in uninterrupted
+
+
+def test_resume_under_another_routing_is_refused_unless_allowed(alpaca_file, tmp_path):
+    """A checkpoint records its routing; resuming it under another method, other options or
+    another auxiliary loss fails before any training step, naming both routings."""
+    import shutil
+
+    from hf_moe_patch.training.sft import check_resume_routing, routing_record
+
+    first = config(alpaca_file, tmp_path / "first", method="usmoe", options={"top_k": 1.5}, max_steps=4, save_steps=2, logging_steps=2)
+    run_sft(first)
+    checkpoint = tmp_path / "first" / "run" / "checkpoint-2"
+    record = json.loads((checkpoint / "hf_moe_patch_routing.json").read_text())
+    assert record["method"] == "usmoe" and record["resolved"]["top_k"] == 1.5 and record["aux_loss_enabled"] is False
+
+    def resume(name, **changes):
+        folder = tmp_path / name
+        shutil.copytree(checkpoint, folder / "checkpoint-2")
+        cfg = dataclasses.replace(first, output_dir=str(folder), resume_from_checkpoint=str(folder / "checkpoint-2"), **changes)
+        return folder, cfg
+
+    for name, changes, now in [
+        ("method", {"method": "topk", "options": {}, "aux_loss": "off"}, "topk (aux loss off)"),
+        ("options", {"options": {"top_k": 2.0}}, "usmoe:top_k=2.0 (aux loss off)"),
+        ("aux", {"aux_loss": "on"}, "usmoe:top_k=1.5 (aux loss on)"),
+    ]:
+        folder, cfg = resume(name, **changes)
+        with pytest.raises(ValueError) as err:
+            run_sft(cfg)
+        message = str(err.value)
+        assert "was trained with routing usmoe:top_k=1.5 (aux loss off)" in message, message
+        assert f"this run asks for {now}" in message and "allow_routing_change=True (--allow-routing-change)" in message
+        assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2"]  # nothing trained, nothing written
+    # The same routing with every default written out is the same routing.
+    spelled_out = {k: v for k, v in record["resolved"].items() if k != "method"}
+    same = dataclasses.replace(first, options=spelled_out)
+    model, _ = load_model(same)
+    hmp.patch(model, same.method, **same.options)
+    assert check_resume_routing(same, checkpoint, routing_record(same, model, False)) == record
+    # Asked for explicitly, the change is made and the run's record keeps the earlier routing.
+    folder, cfg = resume("allowed", method="topk", options={}, aux_loss="off", allow_routing_change=True)
+    result = run_sft(cfg)
+    assert result["method"] == "topk" and result["global_step"] == 4
+    assert result["earlier_routings"] == [{"routing": "usmoe:top_k=1.5 (aux loss off)", "until_step": 2}]
+    later = json.loads((folder / "checkpoint-4" / "hf_moe_patch_routing.json").read_text())
+    assert later["method"] == "topk" and later["earlier"][0]["method"] == "usmoe"
+
+
+def test_allow_routing_change_on_the_command_line():
+    from hf_moe_patch.cli import _sft_config, build_parser
+
+    assert _sft_config(build_parser().parse_args(["sft", "demo", "--allow-routing-change"])).allow_routing_change is True
+    assert _sft_config(build_parser().parse_args(["sft", "demo"])).allow_routing_change is False
 
 
 def test_accelerate_launch_two_processes_on_cpu(alpaca_file, tmp_path):

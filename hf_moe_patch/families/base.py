@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +27,9 @@ class MoEFamily:
         renormalize: ``True`` (always), or the router attribute that decides (``"norm_topk_prob"``).
         float32_logits: the router computes its logits in float32 (DeepSeek-V3).
         float32_weights: the router returns float32 weights whatever the model's dtype.
-        extra: reads family-specific routing parameters from a router instance.
+        extra: family-specific routing parameters, as ``(NativeRouting field, router attribute)``
+            pairs read from the router instance on every call. Declarative (no functions), so a
+            patched model pickles.
         experts_attr: the experts module's attribute name on the MoE block (the router's parent).
     """
 
@@ -42,7 +42,7 @@ class MoEFamily:
     renormalize: bool | str = "norm_topk_prob"
     float32_logits: bool = False
     float32_weights: bool = False
-    extra: Callable[[nn.Module], dict[str, Any]] = field(default=lambda router: {})
+    extra: tuple[tuple[str, str], ...] = ()
     experts_attr: str = "experts"
 
     def _class(self, name: str) -> type[nn.Module]:
@@ -65,7 +65,7 @@ class MoEFamily:
             score=self.score,
             renormalize=renormalize,
             float32_weights=self.float32_weights,
-            **self.extra(router),
+            **{key: _native_value(key, getattr(router, attr)) for key, attr in self.extra},
         )
 
     def logits(self, router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -75,3 +75,8 @@ class MoEFamily:
         if self.float32_logits:
             return F.linear(h.float(), router.weight.float(), None if bias is None else bias.float())
         return F.linear(h, router.weight, bias)
+
+
+def _native_value(key: str, value: object) -> object:
+    """A router attribute as the :class:`NativeRouting` field wants it (scaling is a float)."""
+    return float(value) if key == "scaling" else value

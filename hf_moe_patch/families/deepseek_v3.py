@@ -17,8 +17,5 @@ FAMILY = MoEFamily(
     score="sigmoid",
     float32_logits=True,
     float32_weights=True,
-    extra=lambda router: {
-        "scaling": float(router.routed_scaling_factor),
-        "choice_bias": router.e_score_correction_bias,
-    },
+    extra=(("scaling", "routed_scaling_factor"), ("choice_bias", "e_score_correction_bias")),
 )

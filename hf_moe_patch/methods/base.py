@@ -15,7 +15,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, LayoutError
+from ..ops.segments import SequenceGrid
 
 RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -59,29 +60,36 @@ class NativeRouting:
 
 @dataclass
 class StepState:
-    """Per-forward facts shared by all routers of one model, set once per model forward.
+    """The facts of one model forward that its routers need but never see.
 
-    Gradient checkpointing recomputes layers after the forward has returned; since these facts
-    stay until the next forward, the recomputation routes exactly as the first pass did, provided
-    each forward's backward runs before the next forward (as in every usual training loop). Two
-    forwards followed by one backward would recompute the first with the second's facts.
+    The patch makes a new one at every model forward and hands it to that forward's routers
+    only (per thread), so concurrent forwards of one model never read each other's layout.
+
+    Gradient checkpointing recomputes layers after the forward has returned; the state stays
+    current for its thread until that thread's next forward, so the recomputation routes exactly
+    as the first pass did, provided each forward's backward runs before the thread's next forward
+    (as in every usual training loop).
 
     Attributes:
         valid: ``(B, L)`` bool mask of real (non-padding) tokens of this forward, or None.
-        batch_size, seq_len: the layout the router's flattened ``T = B * L`` tokens come from.
+        batch_size, seq_len: the layout the router's flattened ``T = B * L`` tokens come from;
+            None outside a model forward.
+        segment_ids: ``(B, L)`` ids of packed sequences (several in one row, padding-free
+            training), or None when each row is one sequence.
         training: whether the model was in training mode.
         coins: SSR's Sinkhorn coins, one per forward or one per MoE layer (bool tensor), or None.
-        forward_index: increases by one per forward.
         seed: a per-forward seed for noise, drawn once per forward when a method needs one.
+        info: per MoE layer, facts the method recorded for the statistics collector.
     """
 
     valid: torch.Tensor | None = None
     batch_size: int | None = None
     seq_len: int | None = None
+    segment_ids: torch.Tensor | None = None
     training: bool = False
     coins: torch.Tensor | None = None
-    forward_index: int = 0
     seed: int | None = None
+    info: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,7 +104,7 @@ class RouterCall:
         step: the per-forward state.
         layer: position of this MoE layer among the model's MoE layers.
         info: filled by the method with facts for the statistics collector (e.g. Sinkhorn
-            iterations); read only while collecting.
+            iterations).
     """
 
     hidden_states: torch.Tensor
@@ -107,19 +115,47 @@ class RouterCall:
     layer: int
     info: dict[str, Any] = field(default_factory=dict)
 
-    def layout(self, num_tokens: int) -> tuple[torch.Tensor, int, int]:
-        """``(valid (B, L), B, L)`` for this call's tokens.
+    def sequences(self, num_tokens: int) -> SequenceGrid:
+        """The sequences this call's ``num_tokens`` tokens belong to, as a :class:`SequenceGrid`.
 
-        Falls back to one sequence of all-valid tokens when the router is called outside a model
-        forward (or with a token count that does not match the recorded batch layout).
+        Outside a model forward (a router called on its own) the tokens are one sequence, all
+        valid. Inside one, the token count must match the forward's ``B x L``: routing with a
+        guessed layout would silently pool or split sequences, so a mismatch raises.
         """
         s = self.step
-        if s.batch_size is not None and s.seq_len is not None and s.batch_size * s.seq_len == num_tokens:
-            valid = s.valid
-            if valid is None:
-                valid = torch.ones(s.batch_size, s.seq_len, dtype=torch.bool, device=self.hidden_states.device)
-            return valid.to(self.hidden_states.device), s.batch_size, s.seq_len
-        return torch.ones(1, num_tokens, dtype=torch.bool, device=self.hidden_states.device), 1, num_tokens
+        device = self.hidden_states.device
+        if s.batch_size is None or s.seq_len is None:
+            return SequenceGrid(torch.ones(1, num_tokens, dtype=torch.bool, device=device))
+        if s.batch_size * s.seq_len != num_tokens:
+            raise LayoutError(
+                f"MoE layer {self.layer} was given {num_tokens} tokens, but the model forward has "
+                f"{s.batch_size} x {s.seq_len}: hf_moe_patch cannot tell which tokens form a sequence."
+            )
+        valid = s.valid
+        if valid is None:
+            valid = torch.ones(s.batch_size, s.seq_len, dtype=torch.bool, device=device)
+        segments = s.segment_ids
+        return SequenceGrid(valid.to(device), None if segments is None else segments.to(device))
+
+
+def data_dependent(method: str) -> Callable[[Callable], Callable]:
+    """Mark a routing function whose shapes depend on the data (a variable number of experts per
+    token, a sequence's budget, Sinkhorn's stopping test).
+
+    Under ``torch.compile`` it runs eagerly between compiled graphs, once per call, with no
+    recompilation as values change; ``fullgraph=True`` cannot capture it and fails with this
+    explanation instead of dynamo's generic one.
+    """
+    reason = (
+        f"hf_moe_patch: the {method!r} router gives tokens a data-dependent number of experts, which "
+        "torch.compile(fullgraph=True) cannot capture. Compile without fullgraph (the router then runs "
+        "eagerly between compiled graphs), or use 'topk' (and 'ssr' in eval mode), which compile fully."
+    )
+
+    def wrap(fn: Callable) -> Callable:
+        return torch._dynamo.disable(fn, reason=reason)
+
+    return wrap
 
 
 # --- option validation -----------------------------------------------------------------------
@@ -234,6 +270,12 @@ class RoutingMethod:
 
     def prepare_step(self, step: StepState, num_layers: int) -> None:
         """Draw what must be fixed once per model forward (SSR's coins). Default: nothing."""
+
+    def routes_natively(self, training: bool) -> bool:
+        """Whether every call in this mode is the native router's, exactly (then the patch needs
+        no batch layout and the experts no pair dispatch: nothing data-dependent runs, so such
+        forwards compile like the native model's)."""
+        return False
 
     def route(self, call: RouterCall) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError

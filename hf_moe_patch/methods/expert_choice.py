@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ops import expert_choice_select, selection_to_slots
-from .base import RouterCall, RouterOutput, RoutingMethod, experts_budget
+from .base import RouterCall, RouterOutput, RoutingMethod, data_dependent, experts_budget
 
 
 @dataclass
@@ -32,12 +32,17 @@ class ExpertChoice(RoutingMethod):
     top_k: float | None = None
 
     def route(self, call: RouterCall) -> RouterOutput:
-        native = call.native
-        logits = call.logits_fn(call.hidden_states)
-        T, N = logits.shape
-        valid, B, L = call.layout(T)
-        scores = logits.float().softmax(dim=-1)
-        budget = native.top_k if self.top_k is None else self.top_k
-        selected = expert_choice_select(scores.view(B, L, N), valid, budget).view(T, N)
-        index, weights = selection_to_slots(selected, scores, scores)
-        return logits, native.finish(weights, logits), index
+        return _route(self, call)
+
+
+@data_dependent("expert_choice")
+def _route(method: ExpertChoice, call: RouterCall) -> RouterOutput:
+    native = call.native
+    logits = call.logits_fn(call.hidden_states)
+    T, N = logits.shape
+    grid = call.sequences(T)
+    scores = logits.float().softmax(dim=-1)
+    budget = native.top_k if method.top_k is None else method.top_k
+    selected = grid.from_grid(expert_choice_select(grid.to_grid(scores), grid.valid, budget))
+    index, weights = selection_to_slots(selected, scores, scores)
+    return logits, native.finish(weights, logits), index

@@ -6,8 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import log_sinkhorn, plan_topk_gates
-from .base import Option, RouterCall, RouterOutput, RoutingMethod, StepState, int_in, one_of, real_in
+from ..ops import SequenceGrid, log_sinkhorn, plan_topk_gates
+from .base import (
+    Option,
+    RouterCall,
+    RouterOutput,
+    RoutingMethod,
+    StepState,
+    data_dependent,
+    int_in,
+    one_of,
+    real_in,
+)
 
 
 @dataclass
@@ -108,35 +118,40 @@ class SSR(RoutingMethod):
             return False
         return bool(step.coins[call.layer if self.per_layer else 0])
 
+    def routes_natively(self, training: bool) -> bool:
+        return self.p == 0.0 if training else self.inference == "topk"
+
     def route(self, call: RouterCall) -> RouterOutput:
         if not self.sinkhorn_now(call):
             call.info["sinkhorn"] = False
             return call.native_forward(call.hidden_states)
-        native = call.native
-        logits = call.logits_fn(call.hidden_states)
-        T, N = logits.shape
-        valid, B, L = call.layout(T)
-        cost = native.scores(logits) if self.cost == "softmax" else logits.float()
-        if self.noise > 0:
-            gen = torch.Generator(device=cost.device).manual_seed((step_seed(call) * 1_000_003 + call.layer) % 2**63)
-            cost = cost + self.noise * torch.randn(cost.shape, generator=gen, device=cost.device)
-        if self.scope == "batch":
-            B, L, valid = 1, T, valid.reshape(1, T)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
-            plan = log_sinkhorn(
-                cost.view(B, L, N), valid, epsilon=self.epsilon, max_iter=self.max_iter, tol=self.tol
-            )
-        weights, index = plan_topk_gates(plan.log_plan.view(T, N), native.top_k)
-        if self.rescale and not native.renormalize:
-            weights = weights * native.scores(logits).gather(1, index).sum(dim=-1, keepdim=True)
-        row_valid = valid.reshape(T, 1)
-        index = index.masked_fill(~row_valid, N)
-        weights = weights * row_valid
-        call.info.update(sinkhorn=True, iterations=plan.iterations, row_error=plan.row_error)
-        return logits, native.finish(weights, logits), index
+        return _sinkhorn_route(self, call)
+
+
+@data_dependent("ssr")
+def _sinkhorn_route(method: SSR, call: RouterCall) -> RouterOutput:
+    native = call.native
+    logits = call.logits_fn(call.hidden_states)
+    T, N = logits.shape
+    grid = call.sequences(T)
+    cost = native.scores(logits) if method.cost == "softmax" else logits.float()
+    if method.noise > 0:
+        gen = torch.Generator(device=cost.device).manual_seed((step_seed(call) * 1_000_003 + call.layer) % 2**63)
+        cost = cost + method.noise * torch.randn(cost.shape, generator=gen, device=cost.device)
+    if method.scope == "batch":
+        grid = SequenceGrid.pooled(grid.token_valid)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not method.detach):
+        plan = log_sinkhorn(grid.to_grid(cost), grid.valid, epsilon=method.epsilon, max_iter=method.max_iter, tol=method.tol)
+    weights, index = plan_topk_gates(grid.from_grid(plan.log_plan), native.top_k)
+    if method.rescale and not native.renormalize:
+        weights = weights * native.scores(logits).gather(1, index).sum(dim=-1, keepdim=True)
+    row_valid = grid.token_valid.reshape(T, 1)
+    index = index.masked_fill(~row_valid, N)
+    weights = weights * row_valid
+    call.info.update(sinkhorn=True, iterations=plan.iterations, row_error=plan.row_error)
+    return logits, native.finish(weights, logits), index
 
 
 def step_seed(call: RouterCall) -> int:
-    """The per-forward noise seed (falls back to the forward index outside a model forward)."""
-    return call.step.seed if call.step.seed is not None else call.step.forward_index
-
+    """The per-forward noise seed (0 outside a model forward)."""
+    return call.step.seed if call.step.seed is not None else 0

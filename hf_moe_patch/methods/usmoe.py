@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ops import budget_select, selection_to_slots, unified_score
-from .base import RouterCall, RouterOutput, RoutingMethod, experts_budget, experts_count, one_of, real_in
+from ..ops import SequenceGrid, budget_select, selection_to_slots, unified_score
+from .base import (
+    RouterCall,
+    RouterOutput,
+    RoutingMethod,
+    data_dependent,
+    experts_budget,
+    experts_count,
+    one_of,
+    real_in,
+)
 
 
 @dataclass
@@ -50,21 +59,26 @@ class USMoE(RoutingMethod):
     min_experts: int = 0
 
     def route(self, call: RouterCall) -> RouterOutput:
-        native = call.native
-        logits = call.logits_fn(call.hidden_states)
-        T, N = logits.shape
-        valid, B, L = call.layout(T)
-        score = unified_score(logits, self.alpha)
-        key = score
-        if native.choice_bias is not None:
-            key = score + (1.0 - self.alpha) * (2.0 / N) * native.choice_bias.float()
-        if self.scope == "batch":
-            B, L, valid = 1, T, valid.reshape(1, T)
-        budget = native.top_k if self.top_k is None else self.top_k
-        selected = budget_select(key.view(B, L, N), valid, budget, min_experts=self.min_experts).view(T, N)
-        index, weights = selection_to_slots(selected, key, score)
-        renormalize = native.renormalize if self.renormalize is None else self.renormalize
-        if renormalize:
-            # Tokens without experts have an all-zero row: the clamp keeps them at 0, not NaN.
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return logits, native.finish(weights, logits), index
+        return _route(self, call)
+
+
+@data_dependent("usmoe")
+def _route(method: USMoE, call: RouterCall) -> RouterOutput:
+    native = call.native
+    logits = call.logits_fn(call.hidden_states)
+    T, N = logits.shape
+    grid = call.sequences(T)
+    score = unified_score(logits, method.alpha)
+    key = score
+    if native.choice_bias is not None:
+        key = score + (1.0 - method.alpha) * (2.0 / N) * native.choice_bias.float()
+    if method.scope == "batch":
+        grid = SequenceGrid.pooled(grid.token_valid)
+    budget = native.top_k if method.top_k is None else method.top_k
+    selected = grid.from_grid(budget_select(grid.to_grid(key), grid.valid, budget, min_experts=method.min_experts))
+    index, weights = selection_to_slots(selected, key, score)
+    renormalize = native.renormalize if method.renormalize is None else method.renormalize
+    if renormalize:
+        # Tokens without experts have an all-zero row: the clamp keeps them at 0, not NaN.
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return logits, native.finish(weights, logits), index

@@ -6,14 +6,18 @@ apart from any model.
 """
 
 from .scores import unified_score
+from .segments import SequenceGrid, cu_seqlens_segment_ids, packed_segment_ids
 from .selection import budget_select, expert_choice_select, selection_to_slots, sequence_budgets
 from .sinkhorn import SinkhornResult, log_sinkhorn, plan_topk_gates
 
 __all__ = [
+    "SequenceGrid",
     "SinkhornResult",
     "budget_select",
+    "cu_seqlens_segment_ids",
     "expert_choice_select",
     "log_sinkhorn",
+    "packed_segment_ids",
     "plan_topk_gates",
     "selection_to_slots",
     "sequence_budgets",

@@ -53,15 +53,15 @@ def budget_select(
         valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
     t_valid = valid.sum(dim=1)
     c = sequence_budgets(t_valid, budget, N)
-    ranked = key.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    ranked = nan_first(key).masked_fill(~valid.unsqueeze(-1), float("-inf"))
     if min_experts > 0:
         m = min(min_experts, N)
         floor = top_count_mask(ranked, torch.full((B, L), m, dtype=torch.long, device=key.device))
         # Each token's top-m cells (ties to the lower expert) get +inf, ahead of every other cell.
         ranked = ranked.masked_fill(floor, float("inf")).masked_fill(~valid.unsqueeze(-1), float("-inf"))
         c = torch.maximum(c, t_valid * m)
-    selected = top_count_mask(ranked.reshape(B, L * N), c)
-    return selected.view(B, L, N) & valid.unsqueeze(-1)
+    selected = top_count_mask(ranked.reshape(B, L * N), c).view(B, L, N)
+    return (selected | key.isnan()) & valid.unsqueeze(-1)
 
 
 def expert_choice_select(scores: torch.Tensor, valid: torch.Tensor | None, top_k: float) -> torch.Tensor:
@@ -82,11 +82,26 @@ def expert_choice_select(scores: torch.Tensor, valid: torch.Tensor | None, top_k
         valid = torch.ones(B, L, dtype=torch.bool, device=scores.device)
     t_valid = valid.sum(dim=1).to(torch.float64)
     capacity = torch.round(t_valid * float(top_k) / N).to(torch.long)
-    ranked = scores.detach().float().masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    ranked = nan_first(scores).masked_fill(~valid.unsqueeze(-1), float("-inf"))
     # Capacity can exceed T_valid (top_k > N) but never the L positions of the token axis.
     capacity = capacity.clamp_max(L).view(B, 1).expand(B, N)
-    selected = top_count_mask(ranked.transpose(1, 2), capacity)  # (B, N, L): expert picks tokens
-    return (selected.transpose(1, 2) & valid.unsqueeze(-1)).contiguous()
+    selected = top_count_mask(ranked.transpose(1, 2), capacity).transpose(1, 2)  # (B, N, L): expert picks tokens
+    return ((selected | scores.isnan()) & valid.unsqueeze(-1)).contiguous()
+
+
+def nan_first(values: torch.Tensor) -> torch.Tensor:
+    """Detached float32 ranking values in which NaN ranks above everything, as in ``torch.topk``.
+
+    NaN compares false with every threshold, so a NaN score would otherwise never be selected and
+    a token with NaN logits would silently get no expert: its output would look finite but mean
+    nothing. The selections rank NaN first and also take every NaN cell beyond the budget, so
+    NaN gates reach the output of every token that has one, as under the native router.
+
+    Example:
+        >>> nan_first(torch.tensor([0.5, float("nan"), float("inf")])).tolist()
+        [0.5, inf, inf]
+    """
+    return values.detach().float().nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
 def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -94,7 +109,7 @@ def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
     ``values`` is ``(..., n)`` float and ``count`` is ``(...)`` integer in ``[0, n]``. Ties are
     broken by position (lower index first), so the mask is exactly the first ``count`` entries
-    of a stable descending sort; values are assumed free of NaN.
+    of a stable descending sort; values are assumed free of NaN (see :func:`nan_first`).
 
     A full sort of each row is the slow part on CPU (it dominated USMoE's router). Only each
     row's ``count``-th largest value is needed: one partial top-k finds that threshold, every

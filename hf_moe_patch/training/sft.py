@@ -21,6 +21,13 @@ Routing during training (``method`` / ``options`` / ``aux_loss``):
 SSR's plan is computed per process and per micro-batch: under data parallelism each process
 balances its own micro-batch (ROUTING.md section 3).
 
+Resuming (``resume_from_checkpoint``): every checkpoint records the routing it was trained with
+(``hf_moe_patch_routing.json``), and a resume under another routing (method, resolved options or
+auxiliary loss) is refused before training unless ``allow_routing_change=True``; the results then
+list the earlier routings. The Trainer also logs at every checkpoint and at the last step, so the
+logged loss windows cover every optimizer step and fall on the same steps whether the run was
+interrupted or not: ``train_loss_mean`` is the mean over all steps of the run, resumed or not.
+
 Example:
     >>> from hf_moe_patch.training.sft import SFTConfig, run_sft
     >>> result = run_sft(SFTConfig(model="demo", method="ssr", dataset="wordnet", max_steps=50,
@@ -40,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..corruption import parse_corruption
 from ..lm import DTYPES
@@ -55,6 +63,8 @@ ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_pr
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 CONFIG_FILE = "sft_config.json"
 RESULTS_FILE = "sft_results.json"
+# Written into every Trainer checkpoint folder: the routing the run was trained with up to there.
+ROUTING_RECORD = "hf_moe_patch_routing.json"
 
 
 @dataclass
@@ -76,6 +86,14 @@ class SFTConfig:
             weights (``target_parameters``).
         router: ``"frozen"`` (default), ``"train"`` (the router's weight trains in full) or
             ``"lora"`` (a LoRA on the router's weight).
+        resume_from_checkpoint: a checkpoint folder of this run (or True: the last one in
+            ``output_dir``).
+        allow_routing_change: resume from a checkpoint trained under another routing (method,
+            options or auxiliary loss); without it such a resume is refused before training.
+
+    Example:
+        >>> SFTConfig(method="ssr", options={"p": 1.0}, max_steps=50).aux_loss
+        'auto'
     """
 
     model: str = "demo"
@@ -111,7 +129,8 @@ class SFTConfig:
     logging_steps: int = 10
     save_steps: int = 100
     save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None
+    resume_from_checkpoint: str | bool | None = None
+    allow_routing_change: bool = False
     merge: bool = False
     dtype: str = "auto"
     gradient_checkpointing: bool = False
@@ -268,6 +287,156 @@ def prepare_data(config: SFTConfig, tokenizer):
     return train, val, val_noisy, data_info
 
 
+# --- resuming: the routing of a checkpoint, and the loss of the whole run --------------------
+
+
+def routing_record(config: SFTConfig, model: nn.Module, aux: bool) -> dict[str, Any]:
+    """What a checkpoint records of the routing it was trained with: the method and options as
+    asked, every resolved option (defaults included, from the patched ``model``), and whether the
+    auxiliary loss was on.
+
+    Example:
+        >>> routing_record(SFTConfig(method="usmoe"), hmp.patch(model, "usmoe"), False)["resolved"]  # doctest: +SKIP
+        {'method': 'usmoe', 'top_k': 2, 'alpha': 0.5, ...}
+    """
+    from ..patching import routing_config
+
+    resolved = json.loads(json.dumps(routing_config(model), default=str))  # as it reads back from JSON
+    return {"method": config.method, "options": config.options, "aux_loss": config.aux_loss,
+            "aux_loss_enabled": aux, "resolved": resolved, "hf_moe_patch": __version__}
+
+
+def describe_routing(record: dict[str, Any], resolved: bool = False) -> str:
+    """``"ssr:p=0.5 (aux loss off)"``: a routing record in the command line's spelling (with
+    every resolved option when ``resolved``).
+
+    Example:
+        >>> describe_routing({"method": "ssr", "options": {"p": 0.5}, "aux_loss_enabled": False})
+        'ssr:p=0.5 (aux loss off)'
+    """
+    options = dict(record.get("resolved") or {}) if resolved else dict(record.get("options") or {})
+    options.pop("method", None)
+    text = record["method"] + (":" + ",".join(f"{k}={json.dumps(v)}" for k, v in options.items()) if options else "")
+    aux = record.get("aux_loss_enabled")
+    return text + ("" if aux is None else f" (aux loss {'on' if aux else 'off'})")
+
+
+def _same_routing(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    # Resolved options: a default written out and left out are the same routing. A record
+    # without the auxiliary-loss flag (read from a checkpoint's config.json) matches either.
+    aux_a, aux_b = a.get("aux_loss_enabled"), b.get("aux_loss_enabled")
+    return a.get("resolved") == b.get("resolved") and (aux_a is None or aux_b is None or aux_a == aux_b)
+
+
+def checkpoint_routing(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The routing a checkpoint was trained with: its ``hf_moe_patch_routing.json``, else (full
+    fine-tuning of an older run) the ``moe_routing`` of its ``config.json``; None if neither.
+
+    Example:
+        >>> checkpoint_routing("sft_out/checkpoint-100")["method"]  # doctest: +SKIP
+        'ssr'
+    """
+    from ..hub import ROUTING_KEY
+    from ..io import read_json_or_none
+
+    folder = Path(checkpoint)
+    record = read_json_or_none(folder / ROUTING_RECORD, required=("method", "resolved"))
+    if record is not None:
+        return record
+    entry = (read_json_or_none(folder / "config.json") or {}).get(ROUTING_KEY)
+    if isinstance(entry, dict) and isinstance(entry.get("method"), str):
+        options = dict(entry.get("options") or {})
+        return {"method": entry["method"], "options": options, "resolved": {"method": entry["method"], **options}}
+    return None
+
+
+def check_resume_routing(config: SFTConfig, checkpoint: str | Path, current: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse to resume ``checkpoint`` under another routing than the one it was trained with,
+    unless ``config.allow_routing_change``: a mixed run would be recorded as ``current`` alone.
+    Returns the checkpoint's routing record (None when it has none: then nothing can be
+    checked, and a warning says so).
+
+    Example:
+        >>> check_resume_routing(SFTConfig(method="usmoe"), "sft_out/checkpoint-8", record)  # doctest: +SKIP
+        ValueError: resume_from_checkpoint='sft_out/checkpoint-8' was trained with routing topk (aux loss on) ...
+    """
+    stored = checkpoint_routing(checkpoint)
+    if stored is None:
+        logger.warning("%s records no routing (written by an older hf_moe_patch?): cannot check that the resumed "
+                       "run keeps its routing, %s", checkpoint, describe_routing(current))
+        return None
+    if _same_routing(stored, current):
+        return stored
+    full = describe_routing(stored) == describe_routing(current)  # differ only in defaults: show them all
+    before, now = describe_routing(stored, resolved=full), describe_routing(current, resolved=full)
+    if not config.allow_routing_change:
+        raise ValueError(
+            f"resume_from_checkpoint={str(checkpoint)!r} was trained with routing {before}; this run asks for {now}. "
+            f"Resuming would record a run of mixed routings as {current['method']}. Resume with the checkpoint's "
+            f"routing, or pass allow_routing_change=True (--allow-routing-change) to change it on purpose.")
+    logger.warning("resuming %s, trained with routing %s, under routing %s (allow_routing_change)", checkpoint, before, now)
+    return stored
+
+
+def mean_train_loss(log_history: list[dict[str, Any]], resumed_at: int | None = None) -> tuple[float | None, int]:
+    """``(mean training loss per optimizer step, steps covered)`` from the Trainer's logs.
+
+    Each logged ``loss`` is the mean over the steps since the previous log, so the run's mean is
+    the window-weighted mean. (The Trainer's own ``training_loss`` covers only the steps of the
+    last ``train()`` call: after a resume it is not the run's.) A checkpoint written without a
+    log at its step (by an older hf_moe_patch) leaves the steps between its last log and
+    ``resumed_at`` out; the count of covered steps shows it.
+
+    Example:
+        >>> mean_train_loss([{"loss": 4.0, "step": 3}, {"loss": 1.0, "step": 4}])
+        (3.25, 4)
+    """
+    total, covered, last = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        step = entry["step"]
+        if resumed_at is not None and last < resumed_at < step:
+            last = resumed_at  # the first log after a resume covers the steps since the checkpoint
+        if step > last:
+            total += entry["loss"] * (step - last)
+            covered += step - last
+            last = step
+    return (total / covered if covered else None), covered
+
+
+class RunRecordCallback(TrainerCallback):
+    """Keep what a resume needs to continue the same run, and to know that it does.
+
+    - Logs at every checkpoint and at the last step (``control.should_log``): the logged loss
+      windows then cover every optimizer step, and an interrupted-and-resumed run logs exactly
+      the windows of an uninterrupted one (else the window open at a checkpoint is lost, and the
+      first log after a resume averages fewer steps).
+    - Writes ``hf_moe_patch_routing.json`` (the run's routing, see :func:`routing_record`) into
+      every checkpoint folder, atomically, on the main process.
+
+    Example:
+        >>> trainer.add_callback(RunRecordCallback(routing_record(config, model, aux)))  # doctest: +SKIP
+    """
+
+    def __init__(self, routing: dict[str, Any]) -> None:
+        self.routing = routing
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # Runs after DefaultFlowCallback (added later), which decides about saving and stopping.
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from ..io import atomic_write_text
+
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            atomic_write_text(folder / ROUTING_RECORD, json.dumps(self.routing, indent=2, default=str) + "\n")
+
+
 def run_sft(config: SFTConfig) -> dict[str, Any]:
     """Fine-tune ``config.model`` under ``config.method`` and report; see the module docstring.
 
@@ -277,19 +446,40 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     ``merge=True`` also ``merged/``, the adapter merged into the model with the routing kept.
     Returns the results dictionary.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
 
     from ..hub import save_pretrained
+    from ..io import atomic_write_text
     from ..patching import patch
     from .callbacks import RoutingStatsCallback, add_routing_stats
     from .data import make_collator
 
     out = Path(config.output_dir)
+    checkpoint = config.resume_from_checkpoint or None  # False and "" mean: do not resume
+    if checkpoint is True:
+        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"resume_from_checkpoint=True, but output_dir={str(out)!r} has no checkpoint")
+    elif checkpoint is not None and not Path(checkpoint).is_dir():
+        raise ValueError(f"resume_from_checkpoint={checkpoint!r} is not a folder (--resume-from-checkpoint)")
     set_seed(config.seed)
     model, tokenizer = load_model(config)
     patch(model, config.method, **config.options)
     aux = aux_loss_enabled(config, model)
     model.config.output_router_logits = aux
+    routing = routing_record(config, model, aux)
+    earlier: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        # Before the data, the adapters and the first step: a wrong routing fails at once.
+        stored = check_resume_routing(config, checkpoint, routing)
+        if stored is not None:
+            earlier = list(stored.get("earlier", []))
+            if not _same_routing(stored, routing):  # allowed: keep the history with the run
+                step = _checkpoint_step(checkpoint)
+                earlier.append({**{k: v for k, v in stored.items() if k != "earlier"}, "until_step": step})
+        if earlier:
+            routing = {**routing, "earlier": earlier}
     train, val, val_noisy, data_info = prepare_data(config, tokenizer)
     model = add_adapters(model, config)
     if config.gradient_checkpointing:
@@ -308,34 +498,47 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
         dataloader_num_workers=0, disable_tqdm=False,
     )
     stats_cb = RoutingStatsCallback(jsonl_path=out / "routing_stats.jsonl", plot_path=out / "routing_balance.png")
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[stats_cb])
+    # RunRecordCallback goes after the Trainer's DefaultFlowCallback (see its on_step_end).
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                      callbacks=[stats_cb, RunRecordCallback(routing)])
     add_routing_stats(trainer, stats_cb)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    steps_run = trainer.state.global_step - (_checkpoint_step(config.resume_from_checkpoint) or 0)
+    resumed_at = _checkpoint_step(checkpoint)
+    steps_run = trainer.state.global_step - (resumed_at or 0)
 
     unwrapped = trainer.model
     ppl_clean = perplexity(unwrapped, val, collator, config.per_device_eval_batch_size)
     ppl_noisy = perplexity(unwrapped, val_noisy, collator, config.per_device_eval_batch_size)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # Over every step of the run, from the logs (which a resume carries on); not the Trainer's
+    # training_loss, which after a resume covers only the steps of this call.
+    loss_mean, covered = mean_train_loss(trainer.state.log_history, resumed_at)
+    if trainer.state.global_step and covered != trainer.state.global_step:
+        logger.warning("train_loss_mean covers %d of %d steps: the checkpoint resumed from was written without a "
+                       "log at its step", covered, trainer.state.global_step)
     routing_logs = [h for h in trainer.state.log_history if any(k.startswith("routing/") for k in h)]
     results = {
         "method": config.method, "options": config.options, "aux_loss": aux, "global_step": trainer.state.global_step,
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": train_output.training_loss,
+        "train_loss_mean": loss_mean,
         "validation_perplexity": ppl_clean, "validation_perplexity_corrupted": ppl_noisy,
         "eval_corruption": config.eval_corruption, "validation_examples": len(val),
         "seconds_per_step": seconds / max(steps_run, 1), "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "routing": _mean_routing(routing_logs),
         "world_size": trainer.args.world_size,
     }
+    if resumed_at is not None:
+        results["resumed_from_step"] = resumed_at
+    if earlier:
+        results["earlier_routings"] = [{"routing": describe_routing(r), "until_step": r.get("until_step")} for r in earlier]
     if trainer.is_world_process_zero():
         save_pretrained(unwrapped, out / "final")
         tokenizer.save_pretrained(out / "final")
         saved = {"config": config.to_dict(), "versions": _versions(), "data": data_info}
-        (out / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+        atomic_write_text(out / CONFIG_FILE, json.dumps(saved, indent=2))
+        atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, default=str))
         if config.merge and config.peft == "lora":
             merged = unwrapped.merge_and_unload()
             save_pretrained(merged, out / "merged")
@@ -344,9 +547,16 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     return results
 
 
-def _checkpoint_step(path: str | None) -> int | None:
+def _checkpoint_step(path: str | Path | None) -> int | None:
+    """The global step of a checkpoint: from its ``trainer_state.json``, else from its folder
+    name (``checkpoint-<step>``); None without a checkpoint."""
+    from ..io import read_json_or_none
+
     if not path or path is True:
         return None
+    state = read_json_or_none(Path(path) / "trainer_state.json")
+    if isinstance(state, dict) and isinstance(state.get("global_step"), int):
+        return state["global_step"]
     try:
         return int(str(path).rstrip("/").rsplit("-", 1)[-1])
     except ValueError:
