@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_routing import Variant, fmt_ratio, interleaved, machine_info, summarise  # noqa: E402
 
 import hf_moe_patch as hmp  # noqa: E402
-from hf_moe_patch.demo_model import demo_model_path  # noqa: E402
-from hf_moe_patch.moee import MoEEncoder  # noqa: E402
-from hf_moe_patch.wordnet import load_wordnet, split_of  # noqa: E402
+from hf_moe_patch.lm import demo_model_path  # noqa: E402
+from hf_moe_patch.embeddings.moee import MoEEncoder  # noqa: E402
+from hf_moe_patch.data.wordnet import load_wordnet, split_of  # noqa: E402
 
 # (label, embedding, method or None for unpatched, options)
 VARIANTS = [

@@ -68,8 +68,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_routing import Variant, router_info, _load, fmt_ratio, interleaved, start_run, summarise, write_report  # noqa: E402
 
 import hf_moe_patch as hmp  # noqa: E402
-from hf_moe_patch.demo_model import corpus, demo_model_path, pack  # noqa: E402
-from hf_moe_patch.wordnet import load_wordnet  # noqa: E402
+from hf_moe_patch.training.demo_model import corpus, demo_model_path, pack  # noqa: E402
+from hf_moe_patch.data.wordnet import load_wordnet  # noqa: E402
 
 logger = logging.getLogger("bench_training")
 

@@ -7,24 +7,23 @@ Example:
     >>> hmp.unpatch(model)  # doctest: +SKIP
 """
 
-from .errors import InvalidOptionError, UnsupportedModelError
+from .errors import InvalidOptionError, LayoutError, UnsupportedModelError
 from .families import supported_models
-from .hub import from_pretrained, push_to_hub, save_pretrained
 from .methods import METHODS
-from .patching import patch, patched, routing_config, unpatch
+from .patching import check_routing, patch, patched, routing_config, unpatch
+from .sharing.hub import from_pretrained, push_to_hub, save_pretrained
 from .stats import RoutingStats, collect_stats
-
 from .version import __version__
 
 
 # Imported on first use: they pull in mteb, which takes seconds to import.
 _LAZY = {
-    "MoEEncoder": "moee",
-    "to_sentence_transformer": "moee",
-    "evaluate_routings": "evaluation",
-    "wordnet_tasks": "wordnet_tasks",
-    "Corruption": "corruption",
-    "demo_model_path": "demo_model",
+    "MoEEncoder": "embeddings.moee",
+    "to_sentence_transformer": "embeddings.moee",
+    "evaluate_routings": "embeddings.evaluation",
+    "wordnet_tasks": "data.wordnet_tasks",
+    "Corruption": "data.corruption",
+    "demo_model_path": "lm",
 }
 
 
@@ -44,10 +43,12 @@ def supported_methods() -> list[str]:
 __all__ = [
     "Corruption",
     "InvalidOptionError",
+    "LayoutError",
     "MoEEncoder",
     "RoutingStats",
     "UnsupportedModelError",
     "__version__",
+    "check_routing",
     "collect_stats",
     "demo_model_path",
     "evaluate_routings",

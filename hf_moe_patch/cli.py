@@ -71,7 +71,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cases(model, texts: Sequence[str], top_k: Sequence[str] | None = None):
     """Routing cases from command-line words; ``top_k`` may be a multiple of the native k."""
-    from .evaluation import expand_cases
+    from .embeddings.evaluation import expand_cases
 
     budgets = split_methods(top_k) if top_k else None
     return expand_cases(split_methods(texts), int(model.config.num_experts_per_tok), budgets)
@@ -103,9 +103,9 @@ def _load(model: str, revision: str | None, dtype: str, device: str | None):
 
 
 def _evaluate(args: argparse.Namespace, model, tokenizer, title: str):
-    from .corruption import parse_corruption
-    from .evaluation import evaluate_routings
-    from .wordnet_tasks import WORDNET_TASKS
+    from .data.corruption import parse_corruption
+    from .embeddings.evaluation import evaluate_routings
+    from .data.wordnet_tasks import WORDNET_TASKS
 
     tasks = split_methods(args.tasks) if args.tasks else list(WORDNET_TASKS)
     report = evaluate_routings(
@@ -134,9 +134,9 @@ def _cmd_mteb(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .corruption import parse_corruption
-    from .demo_model import corpus
-    from .wordnet import load_wordnet
+    from .data.corruption import parse_corruption
+    from .training.demo_model import corpus
+    from .data.wordnet import load_wordnet
 
     model, tokenizer = _load("demo", None, "float32", None)
     title = (f"MTEB ({args.embedding}, prompt {args.prompt}) of the shipped WordNet demo model "
@@ -164,8 +164,8 @@ def _fail(message: str) -> NoReturn:
 def _cmd_train_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .demo_model import DemoTrainingArgs, demo_output_dir, train_demo_model
-    from .wordnet import load_wordnet
+    from .training.demo_model import DemoTrainingArgs, demo_output_dir, train_demo_model
+    from .data.wordnet import load_wordnet
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoTrainingArgs)
              if getattr(args, f.name, None) is not None}
@@ -244,7 +244,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import from_pretrained, push_to_hub
+    from .sharing.hub import from_pretrained, push_to_hub
 
     model = from_pretrained(args.path)
     tokenizer = None
@@ -272,7 +272,7 @@ def add_demo_training_options(p: argparse.ArgumentParser) -> None:
     default: the field's default (the shipped model's setting)."""
     import dataclasses
 
-    from .demo_model import DemoTrainingArgs
+    from .training.demo_model import DemoTrainingArgs
 
     for f in dataclasses.fields(DemoTrainingArgs):
         if f.type in ("int", "float", int, float):
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--instruction", help="a task instruction put before every text, or 'task' for mteb's own")
         p.add_argument("--sum-weight", type=float, default=1.0, help="w in cos(hs) + w cos(rw) for moee_sum")
         p.add_argument("--corrupt", help="corrupt every task text: KIND:RATE[:SEED], KIND junk or char, "
-                                         "e.g. junk:0.1 (see hf_moe_patch.corruption)")
+                                         "e.g. junk:0.1 (see hf_moe_patch.data.corruption)")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--max-length", type=int, default=512)
         p.add_argument("--cache-dir", default="mteb_cache", help="mteb result cache (one entry per routing and settings)")

@@ -10,12 +10,28 @@ Example:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ASSETS = Path(__file__).parent / "assets"
+DEMO_MODELS = {"olmoe": "demo-olmoe-wordnet", "mixtral": "demo-mixtral-wordnet"}
+
+
+def demo_model_path(arch: str = "olmoe") -> Path:
+    """Folder of the shipped demo model of ``arch``; an error says how to build a missing one."""
+    if arch not in DEMO_MODELS:
+        raise ValueError(f"arch={arch!r} is not a demo architecture; valid: {sorted(DEMO_MODELS)}")
+    path = ASSETS / DEMO_MODELS[arch]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the {arch} demo model is not in {path}; build it with "
+                                f"`hf-moe-patch train-demo --arch {arch} --out {path} --force`")
+    return path
+
+
 
 
 def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
@@ -30,8 +46,6 @@ def load_model_and_tokenizer(name_or_path: str, *, revision: str | None = None, 
     shipped demo model; ``dtype="auto"`` is :func:`auto_dtype`. A tokenizer without a pad token
     pads with its EOS token. No routing is applied (see :func:`hf_moe_patch.from_pretrained`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .demo_model import demo_model_path
 
     path = str(demo_model_path()) if name_or_path == "demo" else name_or_path
     if dtype == "auto":

@@ -17,17 +17,8 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .patching import (
-    RECORD_ATTR,
-    ForwardArguments,
-    LayoutHook,
-    LayoutRelease,
-    LayoutSlot,
-    find_base_model,
-    find_record,
-    find_sites,
-    layer_number,
-)
+from .layout import ForwardArguments, LayoutHook, LayoutRelease, LayoutSlot
+from .patching import RECORD_ATTR, find_base_model, find_record, find_sites, layer_number
 
 
 def max_violation(load: torch.Tensor) -> float:

@@ -69,8 +69,8 @@ SMALL_TASKS = {
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """A tiny demo model pretrained by the real pipeline on the WordNet fixture: (folder, args)."""
-    from hf_moe_patch.demo_model import DemoTrainingArgs, train_demo_model
-    from hf_moe_patch.wordnet import load_wordnet
+    from hf_moe_patch.training.demo_model import DemoTrainingArgs, train_demo_model
+    from hf_moe_patch.data.wordnet import load_wordnet
 
     args = DemoTrainingArgs(steps=60, learning_rate=1e-2, **TINY_DEMO)
     out = tmp_path_factory.mktemp("demo") / "model"

@@ -158,7 +158,7 @@ def test_train_demo_rejects_bad_numbers_in_one_line_before_any_work(tmp_path, op
 def test_train_demo_writes_a_new_folder_never_the_shipped_model(tmp_path):
     """Default output: ./demo-olmoe-wordnet. A non-empty folder, or the shipped assets, only with
     --force; a refused run leaves every file as it was."""
-    from hf_moe_patch.demo_model import ASSETS
+    from hf_moe_patch.training.demo_model import ASSETS
 
     shipped = files(ASSETS)
     first = run("train-demo", *TINY_TRAIN, "--steps", "3", cwd=tmp_path)

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from hf_moe_patch.corruption import Corruption, parse_corruption
+from hf_moe_patch.data.corruption import Corruption, parse_corruption
 
 TEXT = "a member of the genus Canis that has been domesticated by man since prehistoric times"
 JUNK = re.compile(r"^(?:([A-Z])\1{1,3}|@@|#\$%|~~~|&&|%%)$")

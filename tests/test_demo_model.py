@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_moe_patch.demo_model import (
+from hf_moe_patch.training.demo_model import (
     ASSETS,
     DemoTrainingArgs,
     corpus,
@@ -20,7 +20,7 @@ from hf_moe_patch.demo_model import (
     synset_document,
     train_demo_model,
 )
-from hf_moe_patch.wordnet import load_wordnet, split_of
+from hf_moe_patch.data.wordnet import load_wordnet, split_of
 
 from conftest import TINY_DEMO as TINY
 from conftest import WORDNET_FIXTURE as FIXTURE
@@ -69,7 +69,7 @@ def test_pretraining_is_reproducible(tmp_path):
 def test_mixtral_twin_builds():
     from transformers import AutoConfig
 
-    from hf_moe_patch.demo_model import build_config, train_tokenizer
+    from hf_moe_patch.training.demo_model import build_config, train_tokenizer
 
     tok = train_tokenizer(["a small text", "another small text"], 300)
     config = build_config(DemoTrainingArgs(arch="mixtral", **TINY), tok)

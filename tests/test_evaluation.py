@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moe_patch as hmp
-from hf_moe_patch.corruption import Corruption
-from hf_moe_patch.evaluation import evaluate_routings, expand_cases, resolve_budget
-from hf_moe_patch.moee import MoEEncoder
+from hf_moe_patch.data.corruption import Corruption
+from hf_moe_patch.embeddings.evaluation import evaluate_routings, expand_cases, resolve_budget
+from hf_moe_patch.embeddings.moee import MoEEncoder
 
 from conftest import SMALL_TASKS, WORDNET_FIXTURE
 
@@ -77,7 +77,7 @@ def test_scores_are_mteb_scores_of_the_encoder(loaded, tmp_path):
     """The runner's number for a routing is what mteb gives the encoder under that patch."""
     import mteb
 
-    from hf_moe_patch.wordnet_tasks import wordnet_tasks
+    from hf_moe_patch.data.wordnet_tasks import wordnet_tasks
 
     model, tokenizer = loaded
     report = run(loaded, tmp_path, ["usmoe:top_k=1.0"], tasks=["WordNetWuPalmerSTS"])

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import hf_moe_patch as hmp
-from hf_moe_patch.hub import ROUTING_FILE, routing_entry
+from hf_moe_patch.sharing.hub import ROUTING_FILE, routing_entry
 from hf_moe_patch.testing import tiny_model
 
 from conftest import FAMILIES, METHOD_CASES, batch
@@ -138,7 +138,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("family,method,options", [("olmoe", "usmoe", {"top_k": 1.5}), ("deepseek_v3", "expert_choice", {})])
 def test_remote_code_loads_the_same_routing_without_the_package(tmp_path, family, method, options):
-    from hf_moe_patch.remote_code import write_remote_code
+    from hf_moe_patch.sharing.remote_code import write_remote_code
 
     model = hmp.patch(tiny_model(family), method, **options)
     ids, mask = batch(pad_from={2: 6})
@@ -319,7 +319,7 @@ def test_push_adapter_and_refusals(tmp_path, hub):
 def test_repushing_a_model_loaded_with_remote_code_writes_working_code(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hf_moe_patch.remote_code import write_remote_code
+    from hf_moe_patch.sharing.remote_code import write_remote_code
 
     model = hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5)
     model.save_pretrained(tmp_path / "a")
@@ -385,7 +385,7 @@ def test_card_texts_for_adapters_and_local_base_paths(tmp_path):
     from huggingface_hub import ModelCard
     from peft import LoraConfig, get_peft_model
 
-    from hf_moe_patch.hub import model_card
+    from hf_moe_patch.sharing.hub import model_card
 
     tiny_model("olmoe").save_pretrained(tmp_path / "local_base")
     model = hmp.patch(hmp.from_pretrained(tmp_path / "local_base"), "usmoe")

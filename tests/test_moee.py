@@ -1,4 +1,4 @@
-"""MoEE embeddings (hf_moe_patch.moee) on tiny real models, with a small real word-level tokenizer."""
+"""MoEE embeddings (hf_moe_patch.embeddings.moee) on tiny real models, with a small real word-level tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import hf_moe_patch as hmp
 from hf_moe_patch.families import family_of
-from hf_moe_patch.moee import (
+from hf_moe_patch.embeddings.moee import (
     EMBEDDINGS,
     MoEEncoder,
     format_prompt,

@@ -440,7 +440,7 @@ def test_static_cache_generation_reads_padding_from_4d_and_dict_masks(family):
 
 
 def test_valid_mask_from_4d_masks():
-    from hf_moe_patch.patching import valid_mask
+    from hf_moe_patch.layout import valid_mask
 
     allowed = torch.tril(torch.ones(3, 3, dtype=torch.bool)).expand(2, 1, 3, 3).clone()
     allowed[1, :, :, 0] = False  # sequence 1: position 0 is padding (no query may attend to it)

@@ -318,7 +318,7 @@ def test_position_restarts_next_to_padding_are_not_packing():
 
 
 def test_the_layout_hook_reads_arguments_from_the_signature():
-    from hf_moe_patch.patching import CACHE_ARGUMENTS, ForwardArguments
+    from hf_moe_patch.layout import CACHE_ARGUMENTS, ForwardArguments
 
     arguments = ForwardArguments.of(tiny_model("olmoe").model)
     names = list(inspect.signature(type(tiny_model("olmoe").model).forward).parameters)[1:]

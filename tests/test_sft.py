@@ -25,7 +25,7 @@ from conftest import WORDNET_FIXTURE
 def alpaca_file(tmp_path_factory):
     """The WordNet-Alpaca set of the fixture database, written as JSONL (a local dataset file)."""
     from hf_moe_patch.training.data import wordnet_alpaca, write_jsonl
-    from hf_moe_patch.wordnet import load_wordnet
+    from hf_moe_patch.data.wordnet import load_wordnet
 
     path = tmp_path_factory.mktemp("data") / "wordnet_alpaca.jsonl"
     write_jsonl(wordnet_alpaca(load_wordnet(WORDNET_FIXTURE), split="all", seed=0), path)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_moe_patch.corruption import Corruption
-from hf_moe_patch.demo_model import demo_model_path
+from hf_moe_patch.data.corruption import Corruption
+from hf_moe_patch.lm import demo_model_path
 from hf_moe_patch.training import data as D
 from hf_moe_patch.training.data import (
     IGNORE_INDEX,
@@ -33,7 +33,7 @@ from hf_moe_patch.training.data import (
     wordnet_alpaca,
     write_jsonl,
 )
-from hf_moe_patch.wordnet import POS_NAMES, load_wordnet, split_of
+from hf_moe_patch.data.wordnet import POS_NAMES, load_wordnet, split_of
 
 WORDNET_FIXTURE = Path(__file__).parent / "fixtures" / "wordnet"
 EXAMPLES = [

@@ -20,7 +20,7 @@ import pytest
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from hf_moe_patch.wordnet import (
+from hf_moe_patch.data.wordnet import (
     ENV_VAR,
     WordNetNotFoundError,
     find_wordnet_dir,
@@ -28,7 +28,7 @@ from hf_moe_patch.wordnet import (
     parse_data_line,
     split_of,
 )
-from hf_moe_patch.wordnet_tasks import (
+from hf_moe_patch.data.wordnet_tasks import (
     BUILD_VERSION,
     DEFAULT_SIZES,
     WORDNET_TASK_CLASSES,
@@ -170,7 +170,7 @@ def test_split_of_ignores_hash_seed(wn):
     code = (  # load the reader alone: the package __init__ would import torch
         "import sys, types\n"
         "pkg = types.ModuleType('hf_moe_patch'); pkg.__path__ = [sys.argv[1]]; sys.modules['hf_moe_patch'] = pkg\n"
-        "from hf_moe_patch.wordnet import load_wordnet, split_of\n"
+        "from hf_moe_patch.data.wordnet import load_wordnet, split_of\n"
         "print(''.join(split_of(s)[0] for s in load_wordnet(sys.argv[2])))\n"
     )
     package = Path(__file__).parents[1] / "hf_moe_patch"

@@ -25,7 +25,7 @@ prompt's middle is cut (its start and its closing ``### Response:`` header stay)
 room. An example left with no response token (an empty output without EOS, or a ``max_length``
 too small for the header) is dropped; the numbers truncated and dropped are logged.
 
-**Corruption** (``tokenize_alpaca(..., corruption=...)``, e.g. :class:`hf_moe_patch.corruption.
+**Corruption** (``tokenize_alpaca(..., corruption=...)``, e.g. :class:`hf_moe_patch.data.corruption.
 Corruption`): applied to the example's own texts (instruction, input and output by default; see
 ``corrupt_fields``) *before* they are put in the template, never to the template itself, so the
 ``### Instruction:``/``### Response:`` frame the model learns to follow stays intact. A blank
@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # imported lazily: datasets and torch are heavy
     import datasets
     import torch
 
-    from hf_moe_patch.wordnet import WordNet
+    from hf_moe_patch.data.wordnet import WordNet
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _article(noun: str) -> str:
 
 def _wordnet_candidates(wn: "WordNet", split: str) -> dict[str, list[dict[str, str]]]:
     """Every possible example of each task, as ``(instruction, input, output)`` variants, sorted."""
-    from hf_moe_patch.wordnet import POS_NAMES, split_of
+    from hf_moe_patch.data.wordnet import POS_NAMES, split_of
 
     senses = Counter(lemma.lower() for s in wn for lemma in set(s.lemmas))
     synsets = sorted((s for s in wn if split == "all" or split_of(s) == split), key=lambda s: s.id)
@@ -385,14 +385,14 @@ def wordnet_alpaca(
     The first four take, with probability ``input_fraction``, their with-input variant
     (``Define the word in the input.`` + input ``X``), so both Alpaca templates are used.
 
-    ``split`` follows :func:`hf_moe_patch.wordnet.split_of`, as the demo model's pretraining
+    ``split`` follows :func:`hf_moe_patch.data.wordnet.split_of`, as the demo model's pretraining
     corpus does: ``"train"`` uses the synsets whose glosses the demo model was pretrained on,
     ``"heldout"`` the others (words it never saw), ``"all"`` both. ``n`` caps the size
     (``None``: every candidate; fewer when the database has fewer, logged). Deterministic: the
     candidates are sorted and drawn with ``random.Random(f"wordnet-alpaca:{seed}")``, so the set
     depends on the database, the arguments and the seed only (not on ``PYTHONHASHSEED``).
-    ``wordnet`` is a loaded :class:`~hf_moe_patch.wordnet.WordNet`, a folder, or ``None`` for the
-    system's WordNet (see :func:`~hf_moe_patch.wordnet.load_wordnet`).
+    ``wordnet`` is a loaded :class:`~hf_moe_patch.data.wordnet.WordNet`, a folder, or ``None`` for the
+    system's WordNet (see :func:`~hf_moe_patch.data.wordnet.load_wordnet`).
 
     Columns: ``instruction``, ``input``, ``output`` and, for analysis, ``task`` and ``synset``
     (the synset id the answer comes from).
@@ -404,7 +404,7 @@ def wordnet_alpaca(
     """
     import datasets
 
-    from hf_moe_patch.wordnet import WordNet, load_wordnet
+    from hf_moe_patch.data.wordnet import WordNet, load_wordnet
 
     if split not in WORDNET_SPLITS:
         raise ValueError(f"split={split!r} is not a WordNet-Alpaca split; valid: {', '.join(WORDNET_SPLITS)}")
@@ -477,14 +477,14 @@ def tokenize_alpaca(
     by ``tokenizer(output, add_special_tokens=False)`` and EOS (``add_eos``). ``labels`` are -100
     on the prompt and the ids themselves on the response and EOS; see the module docstring for
     truncation at ``max_length`` and dropped examples. ``corruption`` (a ``str -> str`` callable
-    such as :class:`~hf_moe_patch.corruption.Corruption`) is applied to the example's
+    such as :class:`~hf_moe_patch.data.corruption.Corruption`) is applied to the example's
     ``corrupt_fields`` texts (default: instruction, input and output) before templating, never
     to the template; blank inputs are left blank. Every other column is removed.
 
     Example:
         >>> from datasets import Dataset
         >>> from transformers import AutoTokenizer
-        >>> from hf_moe_patch.demo_model import demo_model_path
+        >>> from hf_moe_patch.lm import demo_model_path
         >>> tok = AutoTokenizer.from_pretrained(demo_model_path())
         >>> ds = tokenize_alpaca(Dataset.from_dict({"instruction": ["Say hi."], "output": ["hi"]}), tok)
         >>> ex = ds[0]
@@ -697,7 +697,7 @@ def make_collator(tokenizer, *, pad_to_multiple_of: int | None = None) -> SFTCol
 
     Example:
         >>> from transformers import AutoTokenizer
-        >>> from hf_moe_patch.demo_model import demo_model_path
+        >>> from hf_moe_patch.lm import demo_model_path
         >>> tok = AutoTokenizer.from_pretrained(demo_model_path())  # pads on the left
         >>> features = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}]
         >>> batch = make_collator(tok)(features)

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..corruption import parse_corruption
+from ..data.corruption import parse_corruption
 from ..lm import DTYPES
 from ..version import __version__
 
@@ -336,7 +336,7 @@ def checkpoint_routing(checkpoint: str | Path) -> dict[str, Any] | None:
         >>> checkpoint_routing("sft_out/checkpoint-100")["method"]  # doctest: +SKIP
         'ssr'
     """
-    from ..hub import ROUTING_KEY
+    from ..routing_format import ROUTING_KEY
     from ..io import read_json_or_none
 
     folder = Path(checkpoint)
@@ -449,7 +449,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     from transformers import Trainer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from ..hub import save_pretrained
+    from ..sharing.hub import save_pretrained
     from ..io import atomic_write_text
     from ..patching import patch
     from .callbacks import RoutingStatsCallback, add_routing_stats

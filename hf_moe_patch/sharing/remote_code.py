@@ -18,12 +18,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .version import __version__
+from ..version import __version__
 
 MODULE_NAME = "modeling_hf_moe_patch"
 CLASS_NAME = "HfMoePatchForCausalLM"
-# Modules that the routing itself does not need (and that import optional libraries).
-_EXCLUDED = {"cli.py", "report.py", "testing.py", "remote_code.py"}
+# Modules and subpackages that the routing itself does not need (and that import optional libraries).
+_EXCLUDED = {"cli.py", "report.py", "testing.py", "sharing/remote_code.py"}
+_EXCLUDED_DIRS = {"embeddings", "data", "training", "cli", "assets"}
 
 _TEMPLATE = '''"""Remote code written by hf_moe_patch {version}.
 
@@ -77,13 +78,13 @@ def vendored_package_name() -> str:
 
 def package_zip() -> bytes:
     """The routing package's sources, zipped under :func:`vendored_package_name`."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent  # the package, not this subpackage
     name = vendored_package_name()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root)
-            if rel.as_posix() in _EXCLUDED:
+            if rel.as_posix() in _EXCLUDED or rel.parts[0] in _EXCLUDED_DIRS:
                 continue
             # Fixed timestamps keep the file byte-identical between runs (stable Hub diffs).
             info = zipfile.ZipInfo(f"{name}/{rel.as_posix()}", date_time=(2020, 1, 1, 0, 0, 0))

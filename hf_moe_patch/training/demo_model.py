@@ -4,7 +4,7 @@
 BPE tokenizer trained with ``tokenizers`` on the text, then a causal LM trained with native
 top-k routing and OLMoE's auxiliary load-balancing loss. The text is one document per synset,
 ``"<lemmas> (<part of speech>): <gloss>. <examples>"``, from the ``train`` side of
-:func:`hf_moe_patch.wordnet.split_of`; the held-out words give the validation perplexity and the
+:func:`hf_moe_patch.data.wordnet.split_of`; the held-out words give the validation perplexity and the
 local mteb tasks, so the model is evaluated on glosses and examples it never saw.
 
 The result is an ordinary transformers checkpoint (``config.json``, ``model.safetensors``,
@@ -33,34 +33,22 @@ from typing import Any, Sequence
 
 import torch
 
-from .io import atomic_write_text
-from .version import __version__
-from .wordnet import POS_NAMES, WordNet, load_wordnet, split_of
+from ..data.wordnet import POS_NAMES, WordNet, load_wordnet, split_of
+from ..io import atomic_write_text
+from ..lm import ASSETS, DEMO_MODELS, demo_model_path
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).parent / "assets"
-DEMO_MODELS = {"olmoe": "demo-olmoe-wordnet", "mixtral": "demo-mixtral-wordnet"}
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 MAX_POSITIONS = 512  # max_position_embeddings of the demo models
-
-
-def demo_model_path(arch: str = "olmoe") -> Path:
-    """Folder of the shipped demo model of ``arch``; an error says how to build a missing one."""
-    if arch not in DEMO_MODELS:
-        raise ValueError(f"arch={arch!r} is not a demo architecture; valid: {sorted(DEMO_MODELS)}")
-    path = ASSETS / DEMO_MODELS[arch]
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the {arch} demo model is not in {path}; build it with "
-                                f"`hf-moe-patch train-demo --arch {arch} --out {path} --force`")
-    return path
 
 
 def synset_document(synset) -> str:
     """The pretraining text of one synset.
 
     Example:
-        >>> from hf_moe_patch.wordnet import Synset
+        >>> from hf_moe_patch.data.wordnet import Synset
         >>> synset_document(Synset("n1", "n", "noun.act", ("disaster",), "an act that has disastrous consequences", ("a real disaster",), ()))
         'disaster (noun): an act that has disastrous consequences. a real disaster.'
     """
@@ -243,7 +231,7 @@ def pack(texts: Sequence[str], tokenizer, block_size: int) -> torch.Tensor:
 
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
     """Token-level perplexity of ``model`` on packed ``blocks`` (every next token counts)."""
-    from .lm import perplexity as label_perplexity
+    from ..lm import perplexity as label_perplexity
 
     return label_perplexity(model, ({"input_ids": b, "labels": b} for b in blocks.split(batch_size)))
 
@@ -257,7 +245,7 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
         out_dir: the output folder (default ``./demo-<arch>-wordnet``); see :func:`demo_output_dir`
             for the folders refused without ``force``.
         args: the training arguments (default: those of the shipped model).
-        wordnet: the WordNet database (default: :func:`~hf_moe_patch.wordnet.load_wordnet`).
+        wordnet: the WordNet database (default: :func:`~hf_moe_patch.data.wordnet.load_wordnet`).
         force: write into a non-empty folder, or into the package's shipped assets.
 
     The arguments and the output folder are checked before any work (``ValueError`` /
@@ -270,7 +258,7 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .stats import collect_stats
+    from ..stats import collect_stats
 
     args = args or DemoTrainingArgs()
     args.validate()  # again: the fields may have been changed since the object was made

@@ -14,12 +14,12 @@ name                                      type                what it measures
 ``WordNetLexnameClustering``              Clustering          glosses clustered by lexicographer file
 ========================================  ==================  ==============================================
 
-By default only synsets on the ``heldout`` side of :func:`hf_moe_patch.wordnet.split_of` are used:
+By default only synsets on the ``heldout`` side of :func:`hf_moe_patch.data.wordnet.split_of` are used:
 the project's demo model is pretrained on the ``train`` side, so the task text is unseen. Sampling
 is seeded and independent of hash randomisation (every pool is sorted before a
 :class:`random.Random` seeded with a string draws from it), so a given WordNet, split, seed and
 sizes always give the same tasks. Construction is cheap (it finds the WordNet folder, raising
-:class:`~hf_moe_patch.wordnet.WordNetNotFoundError` with install instructions when it is missing,
+:class:`~hf_moe_patch.data.wordnet.WordNetNotFoundError` with install instructions when it is missing,
 and fingerprints its files); the data is built in ``load_data``.
 
 Each configuration gets its own task class whose ``metadata.dataset["revision"]`` encodes the
@@ -539,7 +539,7 @@ def _describe(summary: str, config: Mapping[str, Any], stats: Mapping[str, int] 
     if config["split"] == "all":
         side = "all synsets"
     else:
-        side = (f"only synsets on the '{config['split']}' side of hf_moe_patch.wordnet.split_of "
+        side = (f"only synsets on the '{config['split']}' side of hf_moe_patch.data.wordnet.split_of "
                 f"(heldout_fraction={config['heldout_fraction']})")
     sizes = ", ".join(f"{k}={v}" for k, v in config["sizes"].items())
     built = "" if stats is None else " Built: " + ", ".join(f"{v} {k}" for k, v in stats.items()) + "."
@@ -615,10 +615,10 @@ def wordnet_tasks(
     Args:
         names: task names from :data:`WORDNET_TASKS` (one name or several).
         path: folder with WordNet's ``data.*`` files; default ``$HF_MOE_PATCH_WORDNET`` or the
-            system install (see :func:`hf_moe_patch.wordnet.find_wordnet_dir`).
+            system install (see :func:`hf_moe_patch.data.wordnet.find_wordnet_dir`).
         split: ``"heldout"`` (default; text the demo model never saw), ``"train"`` or ``"all"``.
         seed: sampling seed; also the tasks' mteb seed (classifier, k-means).
-        heldout_fraction: passed to :func:`~hf_moe_patch.wordnet.split_of`.
+        heldout_fraction: passed to :func:`~hf_moe_patch.data.wordnet.split_of`.
         sizes: per-task overrides of :data:`DEFAULT_SIZES`, e.g.
             ``{"WordNetWuPalmerSTS": {"n_pairs": 200}}``.
 

@@ -48,7 +48,7 @@ Example:
     >>> format_prompt("A cat sat.")
     'This sentence : "A cat sat." means in one word:"'
     >>> import hf_moe_patch as hmp
-    >>> from hf_moe_patch.moee import MoEEncoder
+    >>> from hf_moe_patch.embeddings.moee import MoEEncoder
     >>> enc = MoEEncoder.from_pretrained("allenai/OLMoE-1B-7B-0924")  # doctest: +SKIP
     >>> hmp.patch(enc.model, "usmoe", top_k=6)  # doctest: +SKIP
     >>> import mteb  # doctest: +SKIP
@@ -77,10 +77,10 @@ from mteb.types import PromptType
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InvalidOptionError
-from .families import family_of
-from .methods import METHODS
-from .patching import find_base_model, find_record, find_sites
+from ..errors import InvalidOptionError
+from ..families import family_of
+from ..methods import METHODS
+from ..patching import find_base_model, find_record, find_sites
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.modules import InputModule as _STInputModule
@@ -284,7 +284,7 @@ class MoEEncoder(AbsEncoder):
             batch-mates and on ``batch_size``).
         clean_text: apply :func:`clean_sentence` (the reference's clean-up) before the template.
         text_transform: applied to every raw text first, e.g. a seeded
-            :class:`~hf_moe_patch.corruption.Corruption` for robustness runs.
+            :class:`~hf_moe_patch.data.corruption.Corruption` for robustness runs.
         batch_size: texts per forward pass (texts are sorted by token length first).
         max_length: token limit; longer inputs keep their beginning and the template's ending
             (so the last token is still the prompt's last token) and a warning is logged.
@@ -375,13 +375,13 @@ class MoEEncoder(AbsEncoder):
         """
         from transformers import AutoTokenizer
 
-        from .hub import from_pretrained as hub_from_pretrained
+        from ..sharing.hub import from_pretrained as hub_from_pretrained
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         if dtype is None:
-            from .lm import auto_dtype
+            from ..lm import auto_dtype
 
             dtype = auto_dtype(device)
         kwargs = dict(model_kwargs or {})
@@ -787,7 +787,7 @@ class MoEESentenceModule(_STInputModule):
     get_sentence_embedding_dimension = get_embedding_dimension  # sentence-transformers 5.x
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
-        from .hub import save_pretrained
+        from ..sharing.hub import save_pretrained
 
         save_pretrained(self.encoder.model, output_path)
         self.encoder.tokenizer.save_pretrained(output_path)

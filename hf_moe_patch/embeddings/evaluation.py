@@ -1,7 +1,7 @@
 """Training-free MTEB evaluation of one model under several routings, side by side.
 
 :func:`evaluate_routings` patches the model with each :class:`~hf_moe_patch.report.RoutingCase`
-in turn, wraps it in a :class:`~hf_moe_patch.moee.MoEEncoder` and runs mteb's own evaluators
+in turn, wraps it in a :class:`~hf_moe_patch.embeddings.moee.MoEEncoder` and runs mteb's own evaluators
 through ``mteb.evaluate`` with a ``ResultCache``. Each run is cached under a model name that
 carries the routing label and a revision that hashes everything that can change an embedding
 (routing method and all its resolved options, embedding mode, prompt, instruction, sum weight,
@@ -35,12 +35,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .corruption import Corruption
-from .io import atomic_path, atomic_write_text, read_json_or_none
-from .patching import check_routing, patched, routing_config
-from .report import RoutingCase, parse_case, save_figure, slug
-from .stats import collect_stats
-from .version import __version__
+from ..data.corruption import Corruption
+from ..io import atomic_path, atomic_write_text, read_json_or_none
+from ..patching import check_routing, patched, routing_config
+from ..report import RoutingCase, parse_case, save_figure, slug
+from ..stats import collect_stats
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def expand_cases(specs: Sequence[str | RoutingCase], native_k: int, top_k: Seque
         >>> expand_cases(["usmoe:top_k=0.5x"], 8)[0].options
         {'top_k': 4.0}
     """
-    from .methods import METHODS
+    from ..methods import METHODS
 
     cases: list[RoutingCase] = []
     for spec in specs:
@@ -104,7 +104,7 @@ def load_tasks(tasks: Sequence[Any], **wordnet_kwargs: Any) -> list:
     pass through."""
     import mteb
 
-    from .wordnet_tasks import WORDNET_TASKS, wordnet_tasks
+    from ..data.wordnet_tasks import WORDNET_TASKS, wordnet_tasks
 
     out = []
     for task in tasks:
@@ -311,9 +311,9 @@ def evaluate_routings(
             multiples of the native k (``"0.75x"``).
         tasks: mteb task names (local WordNet tasks or MTEB tasks) or task objects.
         embedding, prompt, instruction, sum_weight, batch_size, max_length: passed to
-            :class:`~hf_moe_patch.moee.MoEEncoder`.
+            :class:`~hf_moe_patch.embeddings.moee.MoEEncoder`.
         top_k: budgets to sweep for every method that takes ``top_k`` and does not set it.
-        corruption: corrupt every task text before encoding (see :mod:`hf_moe_patch.corruption`).
+        corruption: corrupt every task text before encoding (see :mod:`hf_moe_patch.data.corruption`).
         cache_dir: mteb's ``ResultCache`` folder (plus our routing statistics).
         out_dir: where to write the JSON, markdown and PNG comparison (None: do not write).
         overwrite: recompute runs that are in the cache: scores, routing statistics and time are
@@ -327,7 +327,7 @@ def evaluate_routings(
     import mteb
 
     from .moee import MoEEncoder
-    from .wordnet_tasks import remove_stale_results
+    from ..data.wordnet_tasks import remove_stale_results
 
     native_k = int(getattr(model.config, "num_experts_per_tok"))
     routing_cases = expand_cases(cases, native_k, top_k)

@@ -1,0 +1,1 @@
+"""Data the project makes or ships: WordNet 3.0, the local mteb tasks built from it, and seeded text corruption."""

@@ -1,0 +1,1 @@
+"""MoE embeddings (MoEE) with any routing, and their mteb evaluation."""

@@ -1,0 +1,1 @@
+"""Sharing patched models: saving, loading and pushing with the routing, and self-contained remote code."""
