@@ -1,8 +1,9 @@
 """One-call router patching, end to end.
 
-Online, pass a Hub id (the default is OLMoE-1B-7B); offline (or in CI) ``--tiny`` builds a small
-random OLMoE locally instead.
+The default model is ``demo``, the demo model shipped with the package (no download); pass a
+local folder or a Hub id instead, or ``--tiny`` for a small random OLMoE built on the spot.
 
+    python examples/one_call.py
     python examples/one_call.py --tiny
     python examples/one_call.py --model allenai/OLMoE-1B-7B-0924
 """
@@ -12,14 +13,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import hf_moe_patch as hmp
+from hf_moe_patch.hub_access import locate_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="allenai/OLMoE-1B-7B-0924")
+    parser.add_argument("--model", default="demo", help="'demo' (the shipped demo model, default), a local folder or a Hub id")
     parser.add_argument("--tiny", action="store_true", help="use a locally built tiny OLMoE (no download)")
     args = parser.parse_args()
 
@@ -29,8 +31,9 @@ def main() -> None:
         model = tiny_model("olmoe")
         inputs = {"input_ids": torch.randint(3, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
+        path, extra = locate_model(args.model)  # "demo" is the shipped model; a missing folder says so
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = hmp.from_pretrained(path, dtype="auto", **extra).eval()
         inputs = tokenizer(["Mixture of experts, routed globally."], return_tensors="pt")
 
     with torch.no_grad():

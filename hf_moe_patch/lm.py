@@ -10,28 +10,21 @@ Example:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from .hub_access import ASSETS, DEMO_MODELS, demo_model_path, locate_model, offline_if  # noqa: F401 - ASSETS, DEMO_MODELS, demo_model_path re-exported
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ASSETS = Path(__file__).parent / "assets"
-DEMO_MODELS = {"olmoe": "demo-olmoe-wordnet", "mixtral": "demo-mixtral-wordnet"}
 
 
-def demo_model_path(arch: str = "olmoe") -> Path:
-    """Folder of the shipped demo model of ``arch``; an error says how to build a missing one."""
-    if arch not in DEMO_MODELS:
-        raise ValueError(f"arch={arch!r} is not a demo architecture; valid: {sorted(DEMO_MODELS)}")
-    path = ASSETS / DEMO_MODELS[arch]
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the {arch} demo model is not in {path}; build it with "
-                                f"`hf-moe-patch train-demo --arch {arch} --out {path} --force`")
-    return path
-
-
+def check_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """``dtype`` when it is a torch dtype or one of :data:`DTYPES`; else a ValueError naming them."""
+    if isinstance(dtype, torch.dtype) or dtype in DTYPES:
+        return dtype
+    raise ValueError(f"dtype={dtype!r} is not valid; valid: {', '.join(DTYPES)}")
 
 
 def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
@@ -44,18 +37,22 @@ def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
 def load_model_and_tokenizer(name_or_path: str, *, revision: str | None = None, dtype: str | torch.dtype = "auto"):
     """``AutoModelForCausalLM`` and ``AutoTokenizer`` of a Hub id or folder, ``"demo"`` being the
     shipped demo model; ``dtype="auto"`` is :func:`auto_dtype`. A tokenizer without a pad token
-    pads with its EOS token. No routing is applied (see :func:`hf_moe_patch.from_pretrained`)."""
+    pads with its EOS token. No routing is applied (see :func:`hf_moe_patch.from_pretrained`).
+
+    The name is resolved by :func:`hf_moe_patch.hub_access.locate_model` before anything loads: a
+    missing local folder raises FileNotFoundError, a Hub model while the Hub cannot be reached
+    loads from the cache or raises HubUnreachableError at once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(demo_model_path()) if name_or_path == "demo" else name_or_path
+    check_dtype(dtype)
+    path, hub_kwargs = locate_model(name_or_path, revision=revision)
     if dtype == "auto":
         dtype = auto_dtype()
     elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not valid; valid: {', '.join(DTYPES)}")
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    with offline_if(hub_kwargs):  # the Hub cannot be reached: the cache only, no retries
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

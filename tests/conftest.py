@@ -75,3 +75,44 @@ def tiny_demo(tmp_path_factory):
     args = DemoTrainingArgs(steps=60, learning_rate=1e-2, **TINY_DEMO)
     out = tmp_path_factory.mktemp("demo") / "model"
     return train_demo_model(out, args, wordnet=load_wordnet(WORDNET_FIXTURE), progress=False), args
+
+
+# Tests that took 2.5 s or more each on 2 CPU cores (pytest --durations on a quiet machine):
+# `make test-quick` (pytest -m "not slow") leaves them out; `make test` and CI run everything.
+SLOW_TESTS = {
+    "test_ssr_takes_the_sinkhorn_branch_at_the_requested_rate_without_aux_loss",
+    "test_ssr_takes_the_sinkhorn_branch_at_rate_p",
+    "test_train_demo_writes_a_new_folder_never_the_shipped_model",
+    "test_mteb_rejects_bad_options_with_a_clear_message",
+    "test_demo_runs_the_main_job_on_the_shipped_model",
+    "test_accelerate_launch_two_processes_on_cpu",
+    "test_remote_code_loads_the_same_routing_without_the_package",
+    "test_hub_adapter_from_the_offline_cache_keeps_its_routing_or_says_why_not",
+    "test_mteb_end_to_end_on_a_saved_model",
+    "test_shipped_demo_model_loads_and_matches_its_report",
+    "test_resume_from_checkpoint_continues_the_same_run",
+    "test_resume_under_another_routing_is_refused_unless_allowed",
+    "test_compare_runs_each_routing_on_equal_terms",
+    "test_training_loss_falls_for_every_routing",
+    "test_corrupted_validation_differs_and_outputs_reproduce_the_run",
+    "test_variable_k_methods_compile_without_per_step_recompiles",
+    "test_topk_compiles_exactly_like_native_with_fullgraph",
+    "test_ssr_in_eval_compiles_with_fullgraph_like_native",
+    "test_push_end_to_end_against_a_local_hub",
+    "test_stats_on_a_saved_model_folder",
+    "test_a_partly_cached_task_set_is_evaluated_whole",
+    "test_example_runs",
+    "test_corruption_changes_the_texts_and_the_scores",
+    "test_wordnet_alpaca_does_not_depend_on_pythonhashseed",
+    "test_sft_command_reports_losses_under_default_logging_and_where_it_wrote",
+    "test_push_demo_names_the_shipped_model",
+    "test_stats_on_the_demo_model_escapes_its_table",
+    "test_offline_a_hub_model_task_or_data_set_fails_at_once_saying_what_to_use",
+    "test_mteb_checks_every_argument_before_loading_the_model",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if getattr(item, "originalname", item.name) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

@@ -395,3 +395,32 @@ def test_card_texts_for_adapters_and_local_base_paths(tmp_path):
     adapter = hmp.patch(get_peft_model(hmp.unpatch(model), LoraConfig(r=2, target_modules=["q_proj"])), "usmoe")
     text = model_card(adapter, "me/a", base_model="allenai/OLMoE-1B-7B-0924")
     assert "The routing is stored in `moe_routing.json`." in text and "A peft adapter for `allenai/OLMoE-1B-7B-0924`" in text
+
+
+def test_a_cached_hub_model_loads_when_the_hub_cannot_be_reached(tmp_path):
+    """No HF_HUB_OFFLINE, but nothing answers at the Hub's address: the cached model loads from
+    the cache at once (no minute of retries), with its routing."""
+    import socket
+    import time
+
+    full = tmp_path / "cache" / "models--me--full" / "snapshots" / ("b" * 40)
+    hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5).save_pretrained(full)
+    (tmp_path / "cache" / "models--me--full" / "refs").mkdir()
+    (tmp_path / "cache" / "models--me--full" / "refs" / "main").write_text("b" * 40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(tmp_path / "cache"), "me/full"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["OlmoeForCausalLM", "usmoe"]
+    assert time.perf_counter() - start < 20
+
+
+def test_demo_and_missing_paths_in_from_pretrained(tmp_path):
+    assert type(hmp.from_pretrained("demo")).__name__ == "OlmoeForCausalLM"
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        hmp.from_pretrained(tmp_path / "missing")

@@ -394,3 +394,13 @@ def test_sentence_transformer_save_and_load(tokenizer, tmp_path):
     assert module.encoder.embedding == "moee_sum" and module.encoder.prompt == "none" and module.encoder.sum_weight == 2.0
     assert hmp.routing_config(module.encoder.model)["method"] == "usmoe"
     np.testing.assert_allclose(loaded.encode(TEXTS), enc.embed(TEXTS), atol=1e-5)
+
+
+def test_from_pretrained_names_the_shipped_demo_model_and_missing_folders():
+    enc = MoEEncoder.from_pretrained("demo", device="cpu", dtype=torch.float32, embedding="hs", progress=False)
+    assert enc.model.config.model_type == "olmoe"
+    assert enc.mteb_model_meta.name == "hf_moe_patch/demo-olmoe-wordnet__hs__native"  # the name the mteb runner gives it
+    vectors = enc.embed(["A cat sat on the mat.", "The dog ran."])
+    assert vectors.shape == (2, enc.embed_dim) and np.isfinite(vectors).all()
+    with pytest.raises(FileNotFoundError, match="no such folder: './no/such/model'"):
+        MoEEncoder.from_pretrained("./no/such/model")

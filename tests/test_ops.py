@@ -22,6 +22,7 @@ from hf_moe_patch.ops import (
     sequence_budgets,
     unified_score,
 )
+from hf_moe_patch.ops.selection import top_count_mask
 
 HYP = settings(max_examples=50, deadline=None)
 
@@ -86,6 +87,28 @@ def test_unified_score_bf16_input_gives_float32():
     # The bf16 values here are exact, so the float32 result matches the float32 input's.
     torch.testing.assert_close(out[0], torch.full((4,), 0.25))
     torch.testing.assert_close(out, unified_score(z.float(), 0.5))
+
+
+def test_unified_score_is_bit_identical_to_the_out_of_place_formula():
+    # The in-place evaluation must be the formula's exact float32 operations (selections compare
+    # U values, so one rounding difference could move a cell across the budget threshold).
+    z = torch.randn(300, 64, generator=torch.Generator().manual_seed(0)) * 6
+    z[0, 0], z[1, 1], z[2, 2] = float("nan"), float("inf"), -float("inf")
+    for alpha in (0.0, 0.25, 0.5, 0.9, 1.0):
+        soft, sig = torch.softmax(z, dim=-1), torch.sigmoid(z) * (2.0 / 64)
+        expected = soft if alpha == 1.0 else sig if alpha == 0.0 else alpha * soft + (1.0 - alpha) * sig
+        assert torch.equal(unified_score(z, alpha).nan_to_num(-1.0), expected.nan_to_num(-1.0)), alpha
+
+
+def test_unified_score_with_autograd_has_the_same_values_and_a_gradient():
+    z = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        plain = unified_score(z, 0.3)
+    zg = z.clone().requires_grad_()
+    out = unified_score(zg, 0.3)
+    assert torch.equal(out.detach(), plain)
+    out[:, 0].sum().backward()  # softmax and sigmoid outputs saved for backward are intact
+    assert zg.grad is not None and torch.isfinite(zg.grad).all() and zg.grad.abs().sum() > 0
 
 
 # --- sequence_budgets --------------------------------------------------------------------------
@@ -416,6 +439,53 @@ def test_expert_choice_select_ties_take_earlier_token_and_empty_sequence():
     # A sequence of only padding: capacity 0, nothing selected.
     out = expert_choice_select(torch.rand(1, 3, 2), torch.zeros(1, 3, dtype=torch.bool), 1)
     assert not bool(out.any())
+
+
+# --- top_count_mask -----------------------------------------------------------------------------
+
+
+def _stable_prefix_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The first ``count`` entries of each row's stable descending sort (the definition)."""
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    take = torch.arange(values.shape[-1]) < count.unsqueeze(-1)
+    return torch.zeros_like(values, dtype=torch.bool).scatter(-1, order, take)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_count_mask_rows_with_different_counts(seed):
+    # Rows with different counts take the padded single top-k path; ties, +inf and -inf values
+    # and zero counts included.
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 4, (5, 7, 9), generator=g).float() / 3
+    values[torch.rand(values.shape, generator=g) < 0.1] = float("inf")
+    values[torch.rand(values.shape, generator=g) < 0.1] = -float("inf")
+    count = torch.randint(0, 10, (5, 7), generator=g)
+    count[0, 0], count[1, 1] = 0, 9
+    assert torch.equal(top_count_mask(values, count), _stable_prefix_mask(values, count))
+    same = torch.full((5, 7), int(count[2, 2]))
+    assert torch.equal(top_count_mask(values, same), _stable_prefix_mask(values, same))
+
+
+def test_top_count_mask_hand_case_with_padding_rows():
+    values = torch.tensor([[3.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0], [5.0, 4.0, 3.0, 2.0]])
+    # Row 0 takes 3: 3.0, then the 2.0s in position order. Row 1 takes 2 of four ties: the first
+    # two. Row 2 takes none.
+    out = top_count_mask(values, torch.tensor([3, 2, 0]))
+    assert out.int().tolist() == [[1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_budget_select_with_nan_and_padding_matches_the_plain_definition():
+    # NaN cells rank first and are always taken; padding is never taken (the fast path that skips
+    # these steps must not change either).
+    key = torch.tensor([[[0.9, float("nan")], [0.5, 0.4], [0.8, 0.7]]])
+    valid = torch.tensor([[True, True, False]])
+    # c = round(1 * 2) = 2: NaN (as +inf) and 0.9; row 2 is padding.
+    assert budget_select(key, valid, 1.0).int().tolist() == [[[1, 1], [0, 0], [0, 0]]]
+    # Without padding: c = 3: NaN, 0.9, 0.8.
+    assert budget_select(key, None, 1.0).int().tolist() == [[[1, 1], [0, 0], [1, 0]]]
+    # A NaN cell beyond the budget is still taken (c = 1: the NaN cell ranks first, 0.9 is out).
+    assert budget_select(key[:, :1], None, 1.0).int().tolist() == [[[0, 1]]]
+    assert budget_select(key[:, 1:2], None, 0.5).int().tolist() == [[[1, 0]]]
 
 
 # --- selection_to_slots -----------------------------------------------------------------------

@@ -77,3 +77,11 @@ def test_routing_rules_import_no_transformers():
             names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
             names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
             assert not [n for n in names if n.split(".")[0] == "transformers"], path
+
+
+def test_every_test_marked_slow_exists():
+    """`make test-quick` leaves out conftest.SLOW_TESTS: a renamed test must not silently drop out."""
+    from conftest import SLOW_TESTS
+
+    sources = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    assert not [name for name in SLOW_TESTS if f"def {name}(" not in sources]

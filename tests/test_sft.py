@@ -320,3 +320,48 @@ def test_comparison_table_survives_runs_without_logged_loss():
     row = {"label": "topk", "aux_loss": True, "train_loss_first": None, "train_loss_last": None,
            "validation_perplexity": 10.0, "validation_perplexity_corrupted": 12.0, "routing": {}, "seconds_per_step": 0.1}
     assert "| topk | on | - -> - | 10.000 | 12.000 |" in markdown([row], "topk")
+
+
+def test_sft_command_reports_losses_under_default_logging_and_where_it_wrote(alpaca_file, tmp_path):
+    """The default --logging-steps (10) is more than a short run's steps: the losses are still
+    logged (at the last step), the run says where it wrote, and peft's deprecation noise is gone."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", "sft", "demo", "--dataset", str(alpaca_file),
+                           "--output-dir", str(out), "--max-steps", "4", "--max-length", "96", "--validation-size", "24"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The Trainer prints its logs first; the run's results are the last JSON document.
+    results = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:proc.stdout.rindex("\n}\n") + 2])
+    assert results["train_loss_first"] is not None and results["train_loss_last"] is not None
+    assert math.isfinite(results["train_loss_first"]) and results["train_loss_mean"] == pytest.approx(results["train_loss_first"])
+    wrote = [line for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert wrote == [f"wrote {out / 'final'} (the adapter with its routing), {out / 'sft_config.json'}, "
+                     f"{out / 'sft_results.json'}, {out / 'routing_stats.jsonl'}, {out / 'routing_balance.png'}"]
+    assert (out / "final" / "adapter_model.safetensors").is_file() and (out / "routing_balance.png").is_file()
+    assert "is_gradient_checkpointing" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "usmo"], "Unknown routing method 'usmo'. Did you mean 'usmoe'?"),
+    (["--method", "usmoe:top_k=99"], "Invalid value for option 'top_k' of routing method 'usmoe': 99. Valid: None (the "
+                                     "native k=4) or a number in (0, 16] (N experts)."),
+    (["--method", "usmoe:top_k=0.75x"], "fine-tuning takes a number of experts (e.g. top_k=3)"),
+    (["--dataset", "missing.jsonl"], "no such data file or folder: 'missing.jsonl'"),
+    (["--dtype", "bf16"], "invalid choice: 'bf16'"),
+    (["--output-dir", "/proc/hf-moe-patch/run"], "--output-dir='/proc/hf-moe-patch/run' cannot be written"),
+])
+def test_sft_command_checks_its_arguments_before_loading_the_model(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", "sft", "demo", *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sft_compare_checks_every_routing_first(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", "sft-compare", "demo", "--methods", "topk",
+                           "ssr:p=2", "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Invalid value for option 'p' of routing method 'ssr': 2" in proc.stderr
+    assert not (tmp_path / "cmp").exists()
+    proc = subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", "sft-compare", "demo", "--methods", "topk:aux_loss=maybe"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "aux_loss='maybe' in 'topk:aux_loss=maybe' is not valid; valid: auto, on, off" in proc.stderr

@@ -364,7 +364,8 @@ class MoEEncoder(AbsEncoder):
     ) -> "MoEEncoder":
         """Load model and tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer``) and wrap them.
 
-        A routing saved with the model (``hf_moe_patch.save_pretrained``) is re-applied
+        ``name_or_path`` is a Hub id, a local folder, or ``"demo"`` (the shipped demo model). A
+        routing saved with the model (``hf_moe_patch.save_pretrained``) is re-applied
         (:func:`hf_moe_patch.from_pretrained`). ``device`` defaults to CUDA when available, else
         CPU; ``dtype`` to bfloat16 on a CUDA device that supports it, else float32.
         ``model_kwargs`` / ``tokenizer_kwargs`` go to the two ``from_pretrained`` calls; the
@@ -387,14 +388,23 @@ class MoEEncoder(AbsEncoder):
         kwargs = dict(model_kwargs or {})
         if revision is not None:
             kwargs.setdefault("revision", revision)
-        path = str(name_or_path)
+        from ..hub_access import locate_model
+
+        path, extra = locate_model(name_or_path, revision=revision)  # "demo"; a missing folder; offline
+        for key, value in extra.items():
+            kwargs.setdefault(key, value)
         model = hub_from_pretrained(path, dtype=dtype, **kwargs)
         if "device_map" not in kwargs:
             model.to(device)
         tok_kwargs = dict(tokenizer_kwargs or {})
+        for key, value in extra.items():
+            tok_kwargs.setdefault(key, value)
         if revision is not None:
             tok_kwargs.setdefault("revision", revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+        from ..hub_access import offline_if
+
+        with offline_if(extra):
+            tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
         encoder_kwargs.setdefault("model_name", path)
         if revision is not None:
             encoder_kwargs.setdefault("revision", revision)

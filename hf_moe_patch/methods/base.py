@@ -248,10 +248,8 @@ class RoutingMethod:
             if key not in fields:
                 hint = difflib.get_close_matches(key, fields, n=1)
                 extra = f" Did you mean {hint[0]!r}?" if hint else ""
-                raise InvalidOptionError(
-                    f"Unknown option {key!r} for routing method {cls.name!r}.{extra} "
-                    f"Valid options: {', '.join(sorted(fields))}."
-                )
+                valid = f"Valid options: {', '.join(sorted(fields))}." if fields else f"{cls.name!r} takes no options."
+                raise InvalidOptionError(f"Unknown option {key!r} for routing method {cls.name!r}.{extra} {valid}")
         return cls(**options)
 
     def validate(self, native: NativeRouting) -> None:

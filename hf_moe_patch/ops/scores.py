@@ -24,7 +24,14 @@ def unified_score(logits: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     expert_term = torch.softmax(z, dim=-1)
     if alpha == 1.0:
         return expert_term
-    token_term = torch.sigmoid(z) * (2.0 / num_experts)
+    if z.requires_grad and torch.is_grad_enabled():
+        # softmax and sigmoid keep their outputs for backward: no in-place operation on them.
+        token_term = torch.sigmoid(z) * (2.0 / num_experts)
+        if alpha == 0.0:
+            return token_term
+        return alpha * expert_term + (1.0 - alpha) * token_term
+    # Without autograd, in place on fresh tensors: the same float operations, fewer allocations.
+    token_term = torch.sigmoid(z).mul_(2.0 / num_experts)
     if alpha == 0.0:
         return token_term
-    return alpha * expert_term + (1.0 - alpha) * token_term
+    return expert_term.mul_(alpha).add_(token_term.mul_(1.0 - alpha))

@@ -49,11 +49,18 @@ def budget_select(
                  [1, 1]]], dtype=torch.int32)
     """
     B, L, N = key.shape
+    all_valid = valid is None or bool(valid.all())
     if valid is None:
         valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
     t_valid = valid.sum(dim=1)
     c = sequence_budgets(t_valid, budget, N)
-    ranked = nan_first(key).masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    nan = key.isnan()
+    has_nan = bool(nan.any())
+    if has_nan or not all_valid:
+        ranked = nan_first(key)  # a copy
+        ranked.masked_fill_(~valid.unsqueeze(-1), float("-inf"))
+    else:
+        ranked = key.detach().float()  # nothing to replace: read only below
     if min_experts > 0:
         m = min(min_experts, N)
         floor = top_count_mask(ranked, torch.full((B, L), m, dtype=torch.long, device=key.device))
@@ -61,7 +68,7 @@ def budget_select(
         ranked = ranked.masked_fill(floor, float("inf")).masked_fill(~valid.unsqueeze(-1), float("-inf"))
         c = torch.maximum(c, t_valid * m)
     selected = top_count_mask(ranked.reshape(B, L * N), c).view(B, L, N)
-    return (selected | key.isnan()) & valid.unsqueeze(-1)
+    return _with_nan_and_valid(selected, nan if has_nan else None, None if all_valid else valid)
 
 
 def expert_choice_select(scores: torch.Tensor, valid: torch.Tensor | None, top_k: float) -> torch.Tensor:
@@ -78,15 +85,29 @@ def expert_choice_select(scores: torch.Tensor, valid: torch.Tensor | None, top_k
                  [0, 1]]], dtype=torch.int32)
     """
     B, L, N = scores.shape
+    all_valid = valid is None or bool(valid.all())
     if valid is None:
         valid = torch.ones(B, L, dtype=torch.bool, device=scores.device)
     t_valid = valid.sum(dim=1).to(torch.float64)
     capacity = torch.round(t_valid * float(top_k) / N).to(torch.long)
-    ranked = nan_first(scores).masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    ranked = nan_first(scores)  # a copy
+    if not all_valid:
+        ranked.masked_fill_(~valid.unsqueeze(-1), float("-inf"))
     # Capacity can exceed T_valid (top_k > N) but never the L positions of the token axis.
     capacity = capacity.clamp_max(L).view(B, 1).expand(B, N)
     selected = top_count_mask(ranked.transpose(1, 2), capacity).transpose(1, 2)  # (B, N, L): expert picks tokens
-    return ((selected | scores.isnan()) & valid.unsqueeze(-1)).contiguous()
+    nan = scores.isnan()
+    return _with_nan_and_valid(selected.contiguous(), nan if bool(nan.any()) else None, None if all_valid else valid)
+
+
+def _with_nan_and_valid(selected: torch.Tensor, nan: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+    """``(selected | nan) & valid`` in place on ``selected``; None (no NaN cell, or every token
+    valid) skips that step, which could not change the result."""
+    if nan is not None:
+        selected |= nan
+    if valid is not None:
+        selected &= valid.unsqueeze(-1)
+    return selected
 
 
 def nan_first(values: torch.Tensor) -> torch.Tensor:
@@ -112,22 +133,37 @@ def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     of a stable descending sort; values are assumed free of NaN (see :func:`nan_first`).
 
     A full sort of each row is the slow part on CPU (it dominated USMoE's router). Only each
-    row's ``count``-th largest value is needed: one partial top-k finds that threshold, every
-    entry above it is taken, and entries equal to it are taken in position order until the row
-    has ``count``.
+    row's ``count``-th largest value is needed: one unsorted partial top-k finds that threshold
+    (the smallest of the row's top ``count``; rows with a smaller count get ``c_max - count``
+    extra ``+inf`` entries first, so that one ``c_max`` serves every row), every entry above it is
+    taken, and entries equal to it are taken in position order until the row has ``count``.
 
     Example:
         >>> top_count_mask(torch.tensor([[0.1, 0.5, 0.5, 0.9]]), torch.tensor([2])).int()
         tensor([[0, 1, 0, 1]], dtype=torch.int32)
+        >>> top_count_mask(torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 1.0]]), torch.tensor([1, 2])).int()
+        tensor([[1, 0, 0],
+                [1, 1, 0]], dtype=torch.int32)
     """
     count = count.long()
-    c_max = int(count.max()) if count.numel() else 0
+    if count.numel() == 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    c_min, c_max = (int(c) for c in torch.aminmax(count))
     if c_max == 0:
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    ordered = torch.topk(values, c_max, dim=-1).values  # descending
-    threshold = ordered.gather(-1, (count - 1).clamp_min(0).unsqueeze(-1))
+    ranked = values
+    if c_min != c_max:
+        # The c-th largest of a row is the c_max-th largest once c_max - c entries above every
+        # value are added (+inf ties with +inf values, which does not change the c_max-th value).
+        pad_inf = torch.arange(c_max, device=values.device) < (c_max - count).unsqueeze(-1)
+        pad = torch.full(pad_inf.shape, float("-inf"), dtype=values.dtype, device=values.device)
+        ranked = torch.cat([values, pad.masked_fill_(pad_inf, float("inf"))], dim=-1)
+    threshold = torch.topk(ranked, c_max, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    at_least = values >= threshold
+    if c_min > 0 and bool((at_least.sum(dim=-1) == count).all()):
+        return at_least  # the usual case: no row has more entries equal to its threshold than it takes
     above = values > threshold
-    tie = values == threshold
+    tie = at_least & ~above
     room = count.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
     take_tie = tie & (tie.cumsum(dim=-1) <= room)
     return (above | take_tie) & (count > 0).unsqueeze(-1)
@@ -152,8 +188,8 @@ def selection_to_slots(
     num_experts = selected.shape[-1]
     counts = selected.sum(dim=-1)
     k_max = max(int(counts.max()) if counts.numel() else 0, min_slots)
-    ranked = key.detach().float().masked_fill(~selected, float("-inf"))
+    ranked = torch.where(selected, key.detach().float(), float("-inf"))
     index = torch.topk(ranked, k_max, dim=-1).indices
     real = selected.gather(1, index)
     weights = gates.gather(1, index) * real
-    return index.masked_fill(~real, num_experts), weights
+    return torch.where(real, index, num_experts), weights

@@ -105,15 +105,29 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *model_arg
     ``token``, ...). A peft adapter folder or repo loads through ``AutoPeftModelForCausalLM``. A
     model saved without routing loads native; a stored routing that cannot be applied raises.
 
+    ``"demo"`` is the shipped demo model. A local path that does not exist raises
+    FileNotFoundError; a Hub id while the Hub cannot be reached loads from the local cache, or
+    raises :class:`~hf_moe_patch.hub_access.HubUnreachableError` at once when it is not cached
+    (:func:`hf_moe_patch.hub_access.locate_model`).
+
     Example:
         >>> import hf_moe_patch as hmp
         >>> model = hmp.from_pretrained("someone/olmoe-usmoe", dtype="auto")  # doctest: +SKIP
         >>> hmp.routing_config(model)["method"]  # doctest: +SKIP
         'usmoe'
     """
+    from ..hub_access import locate_model, offline_if
+
+    path, extra = locate_model(pretrained_model_name_or_path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+    for key, value in extra.items():
+        kwargs.setdefault(key, value)
+    with offline_if(extra):  # the Hub cannot be reached: the cache only, no retries
+        return _from_pretrained(path, *model_args, model_class=model_class, **kwargs)
+
+
+def _from_pretrained(path: str, *model_args: Any, model_class: Any = None, **kwargs: Any) -> nn.Module:
     from ..patching import patch
 
-    path = str(pretrained_model_name_or_path)
     hub_kwargs = {k: kwargs[k] for k in _HUB_ARGS if k in kwargs}
     if model_class is None and _is_adapter(path, **hub_kwargs):
         from peft import AutoPeftModelForCausalLM

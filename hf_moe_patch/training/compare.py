@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..report import parse_case, save_figure, slug
+from ..report import parse_case, progress_logger, save_figure, slug
 from .sft import SFTConfig, run_sft
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ def compare_sft(base: SFTConfig, cases: Sequence[str] = DEFAULT_CASES, out_dir: 
     """Run ``base`` once per routing case; write ``comparison.{md,json,png}`` into ``out_dir``."""
     out = Path(out_dir)
     rows = []
-    for spec in cases:
+    for index, spec in enumerate(cases, 1):
         config = case_config(base, spec, out)
-        logger.info("fine-tuning with %s", spec)
+        progress_logger.info("[%d/%d] fine-tuning with %s (into %s)", index, len(cases), spec, config.output_dir)
         rows.append({"label": spec, **run_sft(config)})
     baseline = cases[0] if cases else None
     out.mkdir(parents=True, exist_ok=True)

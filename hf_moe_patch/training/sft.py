@@ -40,7 +40,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,7 +231,11 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     routing = routing_config(model)
     if routing is not None:
         unpatch(model)
-    wrapped = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: noise we
+        # would cause on every run, about an attribute we never use.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = get_peft_model(model, lora)
     if routing is not None:
         method = routing.pop("method")
         patch(wrapped, method, **routing)
@@ -495,7 +501,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
         gradient_accumulation_steps=config.gradient_accumulation_steps, logging_steps=config.logging_steps,
         save_steps=config.save_steps, save_total_limit=config.save_total_limit, report_to=config.report_to,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), bf16=next(model.parameters()).dtype == torch.bfloat16,
-        dataloader_num_workers=0, disable_tqdm=False,
+        dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
     )
     stats_cb = RoutingStatsCallback(jsonl_path=out / "routing_stats.jsonl", plot_path=out / "routing_balance.png")
     # RunRecordCallback goes after the Trainer's DefaultFlowCallback (see its on_step_end).
