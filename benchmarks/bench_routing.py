@@ -331,6 +331,11 @@ def e2e_model(args, sharp: Sharpness, method: str | None, options: dict, experts
     """The end-to-end model with ``sharp``'s routers, patched with ``method``."""
     model = build_model(num_experts=64, top_k=8, layers=args.layers, intermediate=128, experts_impl=experts_impl,
                         seed=args.seed, max_len=args.seq, router=sharp.weights)
+    options = dict(options)
+    native_top_k = options.pop("native_top_k", None)
+    if native_top_k is not None:  # the unpatched router with a smaller k (read at every call)
+        for layer in model.model.layers:
+            layer.mlp.gate.top_k = native_top_k
     return patch_variant(model, method, options)
 
 
@@ -571,6 +576,8 @@ E2E_VARIANTS = [
     ("topk", "topk", {}, "infer", None),
     ("usmoe k=8", "usmoe", {"top_k": 8}, "infer", None),
     ("usmoe k=4", "usmoe", {"top_k": 4}, "infer", None),
+    # The floor for half budget: the unpatched model told to take its top 4 (same weights).
+    ("native top-4 (num_experts_per_tok=4)", None, {"native_top_k": 4}, "infer", None),
     ("expert_choice", "expert_choice", {}, "infer", None),
     ("ssr inference=sinkhorn", "ssr", {"inference": "sinkhorn"}, "infer", None),
     ("A/A control", None, {}, "infer", None),

@@ -13,7 +13,8 @@ the real pairs only, so work follows the number of pairs ``P`` and no sentinel r
   weights, scale by the gate, ``index_add_`` back), which on CPU is faster than every native
   kernel (``grouped_mm`` spends much of its time in P x d gathers and scatters);
 * elsewhere (GPU: ``grouped_mm`` is the right kernel there; a module it does not recognise, such
-  as peft's LoRA wrapper around the experts, expert parallelism, or a kernel from the Hub) it
+  as peft's LoRA wrapper around the experts, expert parallelism, or a kernel from the Hub; with
+  autograd, a layout with few pairs per expert, see :data:`LOOP_MIN_PAIRS_PER_EXPERT_AUTOGRAD`) it
   passes a call whose slots are all real through untouched, and otherwise lays the real pairs
   out one per row (``(P, 1)``), calls the native kernel on those ``P`` rows only, and sums each
   token's rows back.
@@ -80,7 +81,9 @@ def dispatch_pairs(
     on CPU for a recognised module, else through the native kernel (a full layout passes through)."""
     experts_forward = dispatch.experts_forward
     if not args and not kwargs and hidden_states.device.type == "cpu" and loop_supported(dispatch.module, experts_forward):
-        return experts_loop(dispatch.module, hidden_states, top_k_index, top_k_weights, dispatch.num_experts)
+        out = _experts_loop(dispatch.module, hidden_states, top_k_index, top_k_weights, dispatch.num_experts, worth_it=True)
+        if out is not None:
+            return out
     real = top_k_index < dispatch.num_experts
     if bool(real.all()):
         return experts_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
@@ -153,6 +156,15 @@ def loop_supported(module: Any, experts_forward: Callable[..., Any] | None = Non
     return not module.has_gate or callable(getattr(module, "_apply_gate", None))
 
 
+# With autograd, below this mean number of pairs per expert (that has pairs) the loop's fixed cost
+# per expert (several autograd nodes each, forward and backward) outweighs what it saves over the
+# native kernel, whose extra cost grows with the pairs (measured on a 2-core CPU, OLMoE-shaped
+# layers, 1 and 2 threads): the dispatch then uses the native kernel. Without autograd the loop
+# stayed within about 6 % of the native kernel at 16-64 tokens of 8 experts each and was faster
+# below (decoding) and above (from a few hundred tokens on), so it always runs.
+LOOP_MIN_PAIRS_PER_EXPERT_AUTOGRAD = 96
+
+
 def experts_loop(
     module: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -172,6 +184,8 @@ def experts_loop(
     gather instead of a full-size zero-filled gradient buffer per expert.
 
     Results equal the native kernels' to float rounding (the summation order differs).
+    :class:`PairDispatch` uses it on CPU, except with autograd for layouts of fewer than
+    :data:`LOOP_MIN_PAIRS_PER_EXPERT_AUTOGRAD` pairs per expert on average.
 
     Example:
         >>> from hf_moe_patch.testing import tiny_model
@@ -180,6 +194,22 @@ def experts_loop(
         >>> torch.allclose(experts_loop(experts, h, idx, w, 8), experts(h, idx.clamp_max(7), w * (idx < 8)), atol=1e-6)
         True
     """
+    out = _experts_loop(module, hidden_states, top_k_index, top_k_weights, num_experts, worth_it=False)
+    assert out is not None
+    return out
+
+
+def _experts_loop(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    *,
+    worth_it: bool,
+) -> torch.Tensor | None:
+    """:func:`experts_loop`; with ``worth_it``, None (nothing computed but the grouping) when,
+    with autograd, the layout has too few pairs per expert for the loop to beat the native kernel."""
     T = hidden_states.shape[0]
     acc_dtype = accumulation_dtype(hidden_states.dtype)
     out = hidden_states.new_zeros(hidden_states.shape, dtype=acc_dtype)
@@ -194,14 +224,22 @@ def experts_loop(
     num_pairs = sum(counts)
     if num_pairs == 0:
         return out.to(hidden_states.dtype)
-    order = order[:num_pairs]
-    token = order.div(K, rounding_mode="floor")
-    gate = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
     up_name = "gate_up_proj" if module.has_gate else "up_proj"
     w_up, w_down = getattr(module, up_name), module.down_proj
     b_up = getattr(module, f"{up_name}_bias") if module.has_bias else None
     b_down = module.down_proj_bias if module.has_bias else None
     transposed = module.is_transposed
+    experts = [e for e, c in enumerate(counts) if c > 0]
+    needs_grad = torch.is_grad_enabled() and (
+        hidden_states.requires_grad or top_k_weights.requires_grad or any(
+            p is not None and p.requires_grad for p in (w_up, w_down, b_up, b_down)
+        )
+    )
+    if worth_it and needs_grad and num_pairs < LOOP_MIN_PAIRS_PER_EXPERT_AUTOGRAD * len(experts):
+        return None
+    order = order[:num_pairs]
+    token = order.div(K, rounding_mode="floor")
+    gate = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
 
     def mlp(e: int, x: torch.Tensor, w_up_e, w_down_e, b_up_e, b_down_e) -> torch.Tensor:
         # F.linear(x, W.t()) is x @ W: one BLAS call either way, no copy of the weight.
@@ -210,12 +248,6 @@ def experts_loop(
         h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
         return torch.nn.functional.linear(h, w_down_e.t() if transposed else w_down_e, b_down_e)
 
-    experts = [e for e, c in enumerate(counts) if c > 0]
-    needs_grad = torch.is_grad_enabled() and (
-        hidden_states.requires_grad or top_k_weights.requires_grad or any(
-            p is not None and p.requires_grad for p in (w_up, w_down, b_up, b_down)
-        )
-    )
     if needs_grad:
         # unbind/split/cat: their backward is one stack/cat, where indexing a weight or a slice
         # per expert would give each expert a zero-filled gradient of the full size.

@@ -19,6 +19,13 @@ from hf_moe_patch.testing import tiny_model
 from conftest import batch
 
 REAL_LOOP_SUPPORTED = dispatch.loop_supported
+
+
+@pytest.fixture(autouse=True)
+def loop_at_any_size(monkeypatch):
+    """The tiny models here have a few pairs per expert, below the size at which the dispatch
+    prefers its loop to the native kernel with autograd: lower the bar so that the loop runs."""
+    monkeypatch.setattr(dispatch, "LOOP_MIN_PAIRS_PER_EXPERT_AUTOGRAD", 0)
 FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
 KERNELS = ["eager", "grouped_mm", "batched_mm"]
 
@@ -131,19 +138,47 @@ def test_loop_under_cpu_autocast_matches_native():
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_pair_dispatch_uses_the_loop_on_cpu_and_keeps_its_doctest_behaviour(monkeypatch):
+def test_pair_dispatch_uses_the_loop_on_cpu_for_enough_pairs_per_expert(monkeypatch):
     experts = experts_of("qwen3_moe")
     calls = []
-    monkeypatch.setattr(dispatch, "experts_loop", lambda *a: calls.append(a) or torch.zeros_like(a[1]))
-    hidden = torch.randn(4, 32)
-    index, weights, _ = random_slots(4, 8, 2, torch.float32)
-    PairDispatch(experts.forward, 8, experts)(hidden, index, weights)
-    assert len(calls) == 1
-    # Without the module (or for a forward it does not recognise) the native kernel runs.
+    real_loop = dispatch._experts_loop
+    monkeypatch.setattr(dispatch, "_experts_loop", lambda *a, **k: calls.append(a) or real_loop(*a, **k))
     native = []
-    PairDispatch(lambda *a: native.append(a) or a[0], 8)(hidden, index, weights)
-    PairDispatch(lambda *a: native.append(a) or a[0], 8, experts)(hidden, index, weights)
-    assert len(calls) == 1 and len(native) == 2
+    forward = experts.forward
+    hidden = torch.randn(40, 32)
+    index, weights, real = random_slots(40, 8, 3, torch.float32)
+    with torch.no_grad():
+        expected = native_on_slots(experts, hidden, index, weights, 8)
+        # Each layout below is computed by exactly one path, with the same result.
+        torch.testing.assert_close(PairDispatch(forward, 8, experts)(hidden, index, weights), expected)
+        assert len(calls) == 1
+        # Without the module, or for a forward it does not recognise, the native kernel runs.
+        for wrapped in (PairDispatch(lambda *a: native.append(a) or forward(*a), 8),
+                        PairDispatch(lambda *a: native.append(a) or forward(*a), 8, experts)):
+            torch.testing.assert_close(wrapped(hidden, index, weights), expected)
+        assert len(calls) == 1 and len(native) == 2
+    # With autograd and too few pairs per expert for the loop to pay off, the loop declines
+    # (returns None after grouping the pairs) and the native kernel runs.
+    monkeypatch.setattr(dispatch, "LOOP_MIN_PAIRS_PER_EXPERT_AUTOGRAD", int(real.sum()))
+    declined = []
+    monkeypatch.setattr(dispatch, "_experts_loop", lambda *a, **k: declined.append(real_loop(*a, **k)) or declined[-1])
+    h = hidden.clone().requires_grad_()
+    torch.testing.assert_close(PairDispatch(forward, 8, experts)(h, index, weights), expected)
+    assert declined == [None]
+
+
+def test_dispatch_prefers_the_loop_by_pairs_per_expert_with_autograd(monkeypatch):
+    monkeypatch.undo()
+    experts = experts_of("olmoe")  # its weights require grad: autograd is on outside no_grad
+    hidden = torch.randn(8, 32)
+    index, weights, _ = random_slots(8, 8, 2, torch.float32)  # about 1 pair per expert
+    assert dispatch._experts_loop(experts, hidden, index, weights, 8, worth_it=True) is None
+    assert dispatch._experts_loop(experts, hidden, index, weights, 8, worth_it=False) is not None
+    with torch.no_grad():  # without autograd the loop runs at any size
+        assert dispatch._experts_loop(experts, hidden, index, weights, 8, worth_it=True) is not None
+    big = torch.randn(2000, 32)
+    index, weights, _ = random_slots(2000, 8, 4, torch.float32)  # about 500 pairs per expert
+    assert dispatch._experts_loop(experts, big, index, weights, 8, worth_it=True) is not None
 
 
 def test_loop_supported_recognises_only_the_native_layouts():

@@ -696,3 +696,70 @@ def test_plan_topk_gates_hand_case():
     gates, index = plan_topk_gates(torch.tensor([[2.0, 6.0, 1.0, 1.0]]).log(), 2)
     assert index.tolist() == [[1, 0]]
     torch.testing.assert_close(gates, torch.tensor([[0.75, 0.25]]))
+
+
+# --- budget_slots (USMoE's selection straight in the slot layout) --------------------------------
+
+
+def _slots_by_definition(key, gates, valid, budget, min_experts=0):
+    B, L, N = key.shape
+    selected = budget_select(key, valid, budget, min_experts=min_experts)
+    index, weights = selection_to_slots(selected.view(B * L, N), key.reshape(B * L, N), gates.reshape(B * L, N))
+    return index.view(B, L, -1), weights.view(B, L, -1)
+
+
+def test_budget_slots_hand_case():
+    from hf_moe_patch.ops import budget_slots
+
+    # KEY3, budget 1.5: c = 4 -> 0.9 (t0,e0), 0.8 (t1,e1), 0.7 (t2,e3), 0.6 (t2,e2); k_max = 2.
+    index, weights = budget_slots(KEY3, KEY3, None, 1.5)
+    assert index.tolist() == [[[0, 4], [1, 4], [3, 2]]]
+    assert torch.equal(weights, torch.tensor([[[0.9, 0.0], [0.8, 0.0], [0.7, 0.6]]]))
+    # Token 1 as padding: T_valid = 2, c = 3 -> 0.9, 0.7, 0.6; the padding token gets sentinels.
+    index, _ = budget_slots(KEY3, KEY3, torch.tensor([[True, False, True]]), 1.5)
+    assert index.tolist() == [[[0, 4], [4, 4], [3, 2]]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_budget_slots_equals_the_general_way_on_hard_cases(seed, monkeypatch):
+    # Ties across the threshold (quantised keys), NaN and infinite cells, padding, all-padding
+    # sequences, fractional budgets and min_experts: the result is the general way's, exactly,
+    # whether or not the threshold shortcut applies; and the shortcut does apply to untied keys.
+    from hf_moe_patch.ops import budget_slots
+    from hf_moe_patch.ops import selection as sel
+
+    g = torch.Generator().manual_seed(seed)
+    B, L, N = 3, 7, 6
+    for quantised in (True, False):
+        key = torch.rand(B, L, N, generator=g)
+        if quantised:
+            key = (key * 4).floor() / 4
+        if seed % 3 == 1:
+            key[0, 2, 1] = float("nan")
+        if seed % 3 == 2:
+            key[1, 0, 0] = float("inf")
+        gates = torch.rand(B, L, N, generator=g)
+        valid = torch.rand(B, L, generator=g) > 0.25
+        valid[2] = seed % 2 == 0  # an all-padding or an all-valid sequence
+        for budget in (0.4, 1, 1.5, 2.5, N):
+            for min_experts in (0, 1):
+                for v in (None, valid):
+                    got = budget_slots(key, gates, v, budget, min_experts=min_experts)
+                    want = _slots_by_definition(key, gates, v, budget, min_experts)
+                    assert torch.equal(got[0], want[0]), (quantised, budget, min_experts, v is None)
+                    assert torch.equal(got[1], want[1])
+    calls = []
+    real = sel._budget_slots_by_threshold
+    monkeypatch.setattr(sel, "_budget_slots_by_threshold", lambda *a: calls.append(real(*a)) or calls[-1])
+    budget_slots(torch.rand(B, L, N, generator=g), torch.rand(B, L, N, generator=g), valid, 1.5)
+    assert calls and calls[0] is not None
+
+
+def test_budget_slots_keeps_gradients_of_the_gates():
+    from hf_moe_patch.ops import budget_slots
+
+    key = torch.tensor([[[0.9, 0.1], [0.5, 0.4]]])
+    gates = key.clone().requires_grad_()
+    _, weights = budget_slots(key, gates, None, 1.5)  # c = 3: (t0,e0), (t1,e0), (t1,e1)
+    weights.sum().backward()
+    assert gates.grad.tolist() == [[[1.0, 0.0], [1.0, 1.0]]]

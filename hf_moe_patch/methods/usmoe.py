@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ops import SequenceGrid, budget_select, selection_to_slots, unified_score
+from ..ops import SequenceGrid, budget_slots, unified_score
 from .base import (
     RouterCall,
     RouterOutput,
@@ -75,8 +75,10 @@ def _route(method: USMoE, call: RouterCall) -> RouterOutput:
     if method.scope == "batch":
         grid = SequenceGrid.pooled(grid.token_valid)
     budget = native.top_k if method.top_k is None else method.top_k
-    selected = grid.from_grid(budget_select(grid.to_grid(key), grid.valid, budget, min_experts=method.min_experts))
-    index, weights = selection_to_slots(selected, key, score)
+    index, weights = budget_slots(
+        grid.to_grid(key, fill=float("-inf")), grid.to_grid(score), grid.valid, budget, min_experts=method.min_experts
+    )
+    index, weights = grid.from_grid(index), grid.from_grid(weights)
     renormalize = native.renormalize if method.renormalize is None else method.renormalize
     if renormalize:
         # Tokens without experts have an all-zero row: the clamp keeps them at 0, not NaN.

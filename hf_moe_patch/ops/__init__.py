@@ -7,13 +7,22 @@ apart from any model.
 
 from .scores import unified_score
 from .segments import SequenceGrid, cu_seqlens_segment_ids, packed_segment_ids
-from .selection import budget_select, expert_choice_select, selection_to_slots, sequence_budgets
+from .selection import (
+    budget_select,
+    budget_slots,
+    count_thresholds,
+    expert_choice_select,
+    selection_to_slots,
+    sequence_budgets,
+)
 from .sinkhorn import SinkhornResult, log_sinkhorn, plan_topk_gates
 
 __all__ = [
     "SequenceGrid",
     "SinkhornResult",
     "budget_select",
+    "budget_slots",
+    "count_thresholds",
     "cu_seqlens_segment_ids",
     "expert_choice_select",
     "log_sinkhorn",

@@ -133,10 +133,8 @@ def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     of a stable descending sort; values are assumed free of NaN (see :func:`nan_first`).
 
     A full sort of each row is the slow part on CPU (it dominated USMoE's router). Only each
-    row's ``count``-th largest value is needed: one unsorted partial top-k finds that threshold
-    (the smallest of the row's top ``count``; rows with a smaller count get ``c_max - count``
-    extra ``+inf`` entries first, so that one ``c_max`` serves every row), every entry above it is
-    taken, and entries equal to it are taken in position order until the row has ``count``.
+    row's ``count``-th largest value is needed (:func:`count_thresholds`): every entry above it
+    is taken, and entries equal to it are taken in position order until the row has ``count``.
 
     Example:
         >>> top_count_mask(torch.tensor([[0.1, 0.5, 0.5, 0.9]]), torch.tensor([2])).int()
@@ -146,27 +144,124 @@ def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
                 [1, 1, 0]], dtype=torch.int32)
     """
     count = count.long()
-    if count.numel() == 0:
+    threshold = count_thresholds(values, count)
+    if threshold is None:
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    c_min, c_max = (int(c) for c in torch.aminmax(count))
-    if c_max == 0:
-        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    ranked = values
-    if c_min != c_max:
-        # The c-th largest of a row is the c_max-th largest once c_max - c entries above every
-        # value are added (+inf ties with +inf values, which does not change the c_max-th value).
-        pad_inf = torch.arange(c_max, device=values.device) < (c_max - count).unsqueeze(-1)
-        pad = torch.full(pad_inf.shape, float("-inf"), dtype=values.dtype, device=values.device)
-        ranked = torch.cat([values, pad.masked_fill_(pad_inf, float("inf"))], dim=-1)
-    threshold = torch.topk(ranked, c_max, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     at_least = values >= threshold
-    if c_min > 0 and bool((at_least.sum(dim=-1) == count).all()):
+    if bool((at_least.sum(dim=-1) == count).all()):
         return at_least  # the usual case: no row has more entries equal to its threshold than it takes
     above = values > threshold
     tie = at_least & ~above
     room = count.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
     take_tie = tie & (tie.cumsum(dim=-1) <= room)
     return (above | take_tie) & (count > 0).unsqueeze(-1)
+
+
+def count_thresholds(values: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor | None:
+    """Each row's ``count``-th largest value, shape ``(..., 1)``; None when every count is 0.
+
+    One unsorted partial ``topk`` finds it: the smallest of the row's top ``count``. Rows with a
+    smaller count than the largest one, ``c_max``, get ``c_max - count`` extra ``+inf`` entries
+    first, so that one ``c_max`` serves every row (``+inf`` ties with ``+inf`` values, which does
+    not change the ``c_max``-th value); a row with count 0 gets ``+inf``. A NaN among a row's top
+    ``count`` (``topk`` ranks NaN first) makes its threshold NaN (``amin`` propagates it).
+
+    Example:
+        >>> count_thresholds(torch.tensor([[0.1, 0.5, 0.9], [3.0, 2.0, 1.0]]), torch.tensor([2, 3]))
+        tensor([[0.5000],
+                [1.0000]])
+    """
+    if isinstance(count, int):
+        if count == 0:
+            return None
+        return torch.topk(values, count, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    if count.numel() == 0:
+        return None
+    c_min, c_max = (int(c) for c in torch.aminmax(count))
+    if c_max == 0:
+        return None
+    ranked = values
+    if c_min != c_max:
+        pad_inf = torch.arange(c_max, device=values.device) < (c_max - count).unsqueeze(-1)
+        pad = torch.full(pad_inf.shape, float("-inf"), dtype=values.dtype, device=values.device)
+        ranked = torch.cat([values, pad.masked_fill_(pad_inf, float("inf"))], dim=-1)
+    return torch.topk(ranked, c_max, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+
+
+def budget_slots(
+    key: torch.Tensor,
+    gates: torch.Tensor,
+    valid: torch.Tensor | None,
+    budget: float,
+    *,
+    min_experts: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """USMoE's selection straight in the experts' slot layout: the result of
+    ``selection_to_slots(budget_select(key, valid, budget, min_experts=...), key, gates)``.
+
+    ``key`` and ``gates`` are ``(B, L, N)``; returns ``(B, L, k_max)`` index (sentinel ``N``) and
+    weight tensors, slots ordered by ``key``.
+
+    The usual case takes a shorter way. Each sequence's budget ``c`` has one threshold (its
+    ``c``-th largest cell, :func:`count_thresholds`), and a token's selected cells are exactly
+    its cells at or above it: a prefix of the token's own ranking. So the mask is one comparison
+    and the slots one ``topk`` of ``k_max`` per token, with no tie-breaking pass. This holds when
+    exactly ``c`` valid cells reach the threshold (no tie across it) and no NaN is among them;
+    otherwise (and with ``min_experts``) the general way runs, with the same result.
+
+    Example:
+        >>> key = torch.tensor([[[0.9, 0.1], [0.5, 0.4]]])   # 1 sequence, 2 tokens, 2 experts
+        >>> index, weights = budget_slots(key, key, None, budget=1.5)  # c = 3
+        >>> index.tolist()
+        [[[0, 2], [0, 1]]]
+    """
+    B, L, N = key.shape
+    if min_experts == 0:
+        fast = _budget_slots_by_threshold(key, gates, valid, budget)
+        if fast is not None:
+            return fast
+    selected = budget_select(key, valid, budget, min_experts=min_experts)
+    index, weights = selection_to_slots(selected.view(B * L, N), key.reshape(B * L, N), gates.reshape(B * L, N))
+    return index.view(B, L, -1), weights.view(B, L, -1)
+
+
+def _budget_slots_by_threshold(
+    key: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor | None, budget: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`budget_slots` by per-sequence thresholds; None where that shortcut does not hold."""
+    B, L, N = key.shape
+    if key.numel() == 0:
+        return None
+    all_valid = valid is None or bool(valid.all())
+    ranked = key.detach().float()  # a view for a float32 key: read only below
+    if all_valid:
+        # Every sequence has L valid tokens: one budget, as sequence_budgets computes it
+        # (float64 product, ties to even; Python's round() is the same rule).
+        c: torch.Tensor | int = max(1, min(round(float(L) * float(budget)), L * N)) if L else 0
+    else:
+        c = sequence_budgets(valid.sum(dim=1), budget, N)
+        ranked = ranked.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    threshold = count_thresholds(ranked.reshape(B, L * N), c)
+    if threshold is None:
+        return None
+    # A NaN among a sequence's top cells makes its threshold NaN, so no cell reaches it and the
+    # count test below sends the call the general way (which takes every NaN cell).
+    at_least = ranked >= threshold.view(B, 1, 1)
+    if not all_valid:
+        at_least &= valid.unsqueeze(-1)
+    counts = at_least.sum(dim=-1)  # (B, L): experts per token
+    totals = counts.sum(dim=-1)
+    if not bool((totals == c).all()):
+        return None  # a tie across some threshold: the general way breaks it by position
+    k_max = max(int(counts.max()), 1)
+    # topk over the masked rows: as selection_to_slots ranks them, and on CPU about twice as fast
+    # as over the full rows (most entries are -inf).
+    masked = torch.where(at_least, ranked, float("-inf"))
+    index = torch.topk(masked.view(B * L, N), k_max, dim=-1).indices
+    real = torch.arange(k_max, device=key.device) < counts.view(B * L, 1)
+    weights = gates.reshape(B * L, N).gather(1, index) * real
+    index = torch.where(real, index, N)
+    return index.view(B, L, k_max), weights.view(B, L, k_max)
 
 
 def selection_to_slots(
