@@ -332,6 +332,9 @@ def e2e_model(args, sharp: Sharpness, method: str | None, options: dict, experts
     model = build_model(num_experts=64, top_k=8, layers=args.layers, intermediate=128, experts_impl=experts_impl,
                         seed=args.seed, max_len=args.seq, router=sharp.weights)
     options = dict(options)
+    if options.get("calibration") == "random":
+        gen = torch.Generator().manual_seed(args.seed + 7)
+        options["calibration"] = {"input_ids": torch.randint(3, 128, (args.batch, args.seq), generator=gen)}
     native_top_k = options.pop("native_top_k", None)
     if native_top_k is not None:  # the unpatched router with a smaller k (read at every call)
         for layer in model.model.layers:
@@ -347,6 +350,9 @@ ROUTER_VARIANTS = [
     ("topk", "topk", {}, "infer"),
     ("usmoe k", "usmoe", {"top_k": "k"}, "infer"),
     ("usmoe k/2", "usmoe", {"top_k": "k/2"}, "infer"),
+    # Causal USMoE: each token against a calibrated threshold ("fit": on these hidden states).
+    ("usmoe causal k", "usmoe", {"top_k": "k", "causal": True, "thresholds": "fit"}, "infer"),
+    ("usmoe causal k/2", "usmoe", {"top_k": "k/2", "causal": True, "thresholds": "fit"}, "infer"),
     ("expert_choice", "expert_choice", {}, "infer"),
     ("ssr inference=sinkhorn", "ssr", {"inference": "sinkhorn"}, "infer"),
     ("native (train, grad)", None, {}, "train"),
@@ -372,12 +378,12 @@ def bench_router(args, sharp: Sharpness, bar: tqdm) -> list[dict]:
             for label, method, options, mode in ROUTER_VARIANTS:
                 # One persistent model per variant (same weights): SSR's coin generator keeps
                 # running across calls, and no patching happens between timed calls.
-                model = patch_variant(
-                    build_model(num_experts=num_experts, top_k=k, layers=1, intermediate=16, experts_impl="eager",
-                                seed=args.seed, router=sharp.router_std),
-                    method,
-                    _resolve(options, k),
-                )
+                model = build_model(num_experts=num_experts, top_k=k, layers=1, intermediate=16, experts_impl="eager",
+                                    seed=args.seed, router=sharp.router_std)
+                resolved = _resolve(options, k)
+                if resolved.get("thresholds") == "fit":
+                    resolved["thresholds"] = [fit_threshold(model.model.layers[0].mlp.gate, h, resolved["top_k"])]
+                model = patch_variant(model, method, resolved)
                 gate = model.model.layers[0].mlp.gate
                 if mode == "train":
                     model.train()
@@ -400,6 +406,14 @@ def bench_router(args, sharp: Sharpness, bar: tqdm) -> list[dict]:
             del variants, models
             gc.collect()
     return rows
+
+
+def fit_threshold(gate, h: torch.Tensor, budget: float) -> float:
+    """Causal USMoE's threshold for ``budget`` experts per token on the hidden states ``h``."""
+    from hf_moe_patch.ops import budget_threshold, unified_score
+
+    with torch.no_grad():
+        return budget_threshold(unified_score(torch.nn.functional.linear(h, gate.weight)), budget)
 
 
 def _router_infer_call(gate, h):
@@ -576,6 +590,9 @@ E2E_VARIANTS = [
     ("topk", "topk", {}, "infer", None),
     ("usmoe k=8", "usmoe", {"top_k": 8}, "infer", None),
     ("usmoe k=4", "usmoe", {"top_k": 4}, "infer", None),
+    # Causal USMoE, calibrated on other random ids of the same shape ("random").
+    ("usmoe causal k=8", "usmoe", {"top_k": 8, "causal": True, "calibration": "random"}, "infer", None),
+    ("usmoe causal k=4", "usmoe", {"top_k": 4, "causal": True, "calibration": "random"}, "infer", None),
     # The floor for half budget: the unpatched model told to take its top 4 (same weights).
     ("native top-4 (num_experts_per_tok=4)", None, {"native_top_k": 4}, "infer", None),
     ("expert_choice", "expert_choice", {}, "infer", None),
@@ -728,13 +745,30 @@ E2E_TARGETS = [
     ("topk patch within 1.05x of native", "topk", 1.05),
     ("USMoE at native budget (k=8) <= 1.05x", "usmoe k=8", 1.05),
     ("USMoE at half budget (k=4) <= 0.72x", "usmoe k=4", 0.72),
+    ("causal USMoE at native budget (k=8) <= 1.05x", "usmoe causal k=8", 1.05),
+    ("causal USMoE at half budget (k=4) <= 0.72x", "usmoe causal k=4", 0.72),
     ("SSR p=0.01 training step <= 1.05x", "ssr p=0.01 train step", 1.05),
 ]
 
 
-def target_rows(e2e_runs: list[dict], layer_runs: list[dict]) -> list[tuple[str, str, str, float, float, bool]]:
+# Router-alone targets (section 1), per shape and sharpness: (description, label, threshold).
+ROUTER_TARGETS = [
+    ("router: causal USMoE at native budget <= 1.2x native", "usmoe causal k", 1.2),
+    ("router: causal USMoE at half budget <= 1.2x native", "usmoe causal k/2", 1.2),
+]
+
+
+def target_rows(e2e_runs: list[dict], layer_runs: list[dict], router_runs: list[dict] | None = None,
+                ) -> list[tuple[str, str, str, float, float, bool]]:
     """(setting, target, measured text, measured, threshold, met) for every setting."""
     out = []
+    for run in router_runs or []:
+        for row in run["rows"]:
+            setting = f"{run['sharpness']}, {run['threads']} thr, T={row['T']} N={row['N']} k={row['k']}"
+            for desc, label, threshold in ROUTER_TARGETS:
+                st = row["stats"].get(label)
+                if st is not None and "ratio" in st:
+                    out.append((setting, desc, fmt_ratio(st), st["ratio"], threshold, st["ratio"] <= threshold))
     for run in e2e_runs:
         if run["impl"] != "grouped_mm":
             continue
@@ -787,7 +821,7 @@ def render(args, info: dict, sharps: dict[str, Sharpness], realistic_spread: flo
             "",
             f"Router forward on random hidden states (d={HIDDEN}), T tokens as T/{SEQ} sequences of {SEQ}; "
             f"{args.router_repeats} rounds after {args.warmup} warm-up rounds, each sample the mean of `calls` calls, "
-            f"{args.threads[0]} thread(s). Inference variants under `torch.no_grad` vs `native`; `ssr p=1` with "
+            "at each thread count. Inference variants under `torch.no_grad` vs `native`; `ssr p=1` with "
             "autograd recording in a training forward vs `native (train, grad)`. Shapes: "
             + ("every N in 8, 60, 64 with every k in 2, 4, 8" if args.router_grid == "full"
                else "(N, k) of Mixtral, Qwen1.5-MoE and OLMoE") + ", each at every T.",
@@ -795,7 +829,7 @@ def render(args, info: dict, sharps: dict[str, Sharpness], realistic_spread: flo
         ]
         for run in router_runs:
             lines += [
-                f"### Router sharpness `{run['sharpness']}`",
+                f"### Router sharpness `{run['sharpness']}`, {run['threads']} thread(s)",
                 "",
                 "| T | N | k | calls | native ms | " + " | ".join(labels[1:]) + " | Sinkhorn iters |",
                 "|---|---|---|---|---|" + "---|" * (len(labels) - 1) + "---|",
@@ -900,12 +934,12 @@ def render(args, info: dict, sharps: dict[str, Sharpness], realistic_spread: flo
                 ops = "; ".join(f"`{name}` {ms:.2f} ms ({share:.0%}, {calls:g} calls)" for name, calls, ms, share in top)
                 lines.append(f"- {label}: {ops}")
             lines.append("")
-    targets = target_rows(e2e_runs, layer_runs)
+    targets = target_rows(e2e_runs, layer_runs, router_runs)
     if targets:
         lines += [
             "## Targets",
             "",
-            "End-to-end targets from section 3 (`grouped_mm`), layer targets from section 2."
+            "Router targets from section 1, end-to-end targets from section 3 (`grouped_mm`), layer targets from section 2."
             + (" **Quick run: the model, batch and round counts are smaller than the targets assume, so these "
                "verdicts mean nothing; run without --quick.**" if args.quick else ""),
             "",
@@ -1041,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     n_router = len(router_shapes(args.router_grid)) * (1 if args.quick else len(ROUTER_TOKENS)) * len(ROUTER_VARIANTS)
     n_layer = 5 + 3 * len(LAYER_SELECTIONS)
     settings = len(names) * len(args.threads)
-    total = (n_router * args.router_repeats * len(names) if "router" in sections else 0)
+    total = (n_router * args.router_repeats * settings if "router" in sections else 0)
     total += n_layer * args.layer_repeats * settings if "layer" in sections else 0
     total += len(E2E_VARIANTS) * args.e2e_repeats * settings if "e2e" in sections else 0
     total += len(BATCHED_MM_LABELS) * args.batched_mm_repeats if "impls" in sections else 0
@@ -1051,9 +1085,10 @@ def main(argv: list[str] | None = None) -> int:
     router_runs, layer_runs, e2e_runs, profile_runs = [], [], [], []
     with logging_redirect_tqdm(), tqdm(total=total, unit="sample", desc="timing", mininterval=1.0) as bar:
         if "router" in sections:
-            torch.set_num_threads(args.threads[0])
-            for sharp in sharps.values():
-                router_runs.append({"sharpness": sharp.name, "rows": bench_router(args, sharp, bar)})
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for sharp in sharps.values():
+                    router_runs.append({"sharpness": sharp.name, "threads": threads, "rows": bench_router(args, sharp, bar)})
         for sharp in sharps.values():
             # Models are built once per sharpness and timed at every thread count.
             layer_built = layer_variants(args, sharp) if "layer" in sections else None
@@ -1082,7 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.out is not None:
         write_report(args.out, report)
-    for setting, desc, text, _, threshold, met in target_rows(e2e_runs, layer_runs):
+    for setting, desc, text, _, threshold, met in target_rows(e2e_runs, layer_runs, router_runs):
         logger.info("target [%s] %-60s %s (<= %.2f) %s", setting, desc, text, threshold, "met" if met else "MISSED")
     return 0
 

@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .calibration import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, calibrate, calibration_data
 from .dispatch import PairDispatch
-from .errors import UnsupportedModelError
+from .errors import InvalidOptionError, UnsupportedModelError
 from .families import MoEFamily, family_of
 from .routing_format import ROUTING_KEY, parse_entry, routing_entry, stored_entry
 from .layout import ForwardArguments, LayoutHook, LayoutRelease, LayoutSlot
@@ -264,9 +265,29 @@ def _validated(model: nn.Module, method: str, options: dict[str, Any]):
     native = family.native_routing(sites[0].router)
     routing = build_method(method, options)
     routing.validate(native)
+    routing.validate_layers(len(sites))
     if not always_native(routing):
         ForwardArguments.of(base)  # fails now, loudly, if this transformers changed the inputs we read
     return family, sites, base, routing
+
+
+def _calibration_input(routing: RoutingMethod, calibration: Any, tokenizer: Any, batch_size: int, max_length: int):
+    """The checked calibration data, or None; raises when it is missing or not wanted."""
+    if calibration is None:
+        if routing.needs_calibration():
+            raise InvalidOptionError(
+                f"Routing method {routing.name!r} with causal=True needs thresholds: pass calibration= (a list of "
+                "strings with tokenizer=, a tokenized batch or an iterable of batches) to fit them, or thresholds= "
+                "from an earlier calibration (routing_config(model)['thresholds'])."
+            )
+        return None
+    if not routing.needs_calibration():
+        why = "thresholds= were given" if getattr(routing, "thresholds", None) is not None else "it has no causal=True"
+        raise InvalidOptionError(
+            f"calibration= is only used by a causal router without thresholds (usmoe or expert_choice with "
+            f"causal=True); routing method {routing.name!r} does not take it here: {why}."
+        )
+    return calibration_data(calibration, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def always_native(routing: RoutingMethod) -> bool:
@@ -274,17 +295,36 @@ def always_native(routing: RoutingMethod) -> bool:
     return routing.routes_natively(True) and routing.routes_natively(False)
 
 
-def check_routing(model: nn.Module, method: str, **options: Any) -> None:
+def check_routing(
+    model: nn.Module,
+    method: str,
+    *,
+    calibration: Any = None,
+    tokenizer: Any = None,
+    calibration_batch_size: int = DEFAULT_BATCH_SIZE,
+    calibration_max_length: int = DEFAULT_MAX_LENGTH,
+    **options: Any,
+) -> None:
     """Raise what :func:`patch` would raise for this routing, without changing ``model``.
 
     Example:
         >>> hmp.check_routing(model, "usmoe", alpha=3)  # doctest: +SKIP
         InvalidOptionError: Invalid value for option 'alpha' of usmoe: 3 ...
     """
-    _validated(model, method, options)
+    _, _, _, routing = _validated(model, method, options)
+    _calibration_input(routing, calibration, tokenizer, calibration_batch_size, calibration_max_length)
 
 
-def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Module:
+def patch(
+    model: nn.Module,
+    method: str | None = None,
+    *,
+    calibration: Any = None,
+    tokenizer: Any = None,
+    calibration_batch_size: int = DEFAULT_BATCH_SIZE,
+    calibration_max_length: int = DEFAULT_MAX_LENGTH,
+    **options: Any,
+) -> nn.Module:
     """Replace the routing of every MoE layer of ``model`` in place and return ``model``.
 
     Args:
@@ -293,6 +333,13 @@ def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Mod
         method: ``"topk"``, ``"usmoe"``, ``"expert_choice"`` or ``"ssr"``. None re-applies the
             routing recorded in ``model.config.moe_routing`` (written by ``patch``, saved by
             ``save_pretrained``).
+        calibration: text to calibrate a causal router's thresholds on (``causal=True`` without
+            ``thresholds``): a tokenized batch (a dict with ``input_ids`` and
+            ``attention_mask``), an iterable of such batches, or a list of strings with
+            ``tokenizer``. Strings are tokenized ``calibration_batch_size`` at a time, truncated
+            to ``calibration_max_length`` tokens. The fitted thresholds, the calibration's size and
+            a fingerprint become options of the routing (``routing_config``, ``config.moe_routing``),
+            so a saved or pushed model routes the same without the text.
         **options: the method's options (ROUTING.md); unknown names and values outside their
             valid range raise :class:`~hf_moe_patch.InvalidOptionError`.
 
@@ -311,10 +358,16 @@ def patch(model: nn.Module, method: str | None = None, **options: Any) -> nn.Mod
         method, stored = parse_entry(entry)
         options = {**stored, **options}
     family, sites, base, routing = _validated(model, method, options)
+    data = _calibration_input(routing, calibration, tokenizer, calibration_batch_size, calibration_max_length)
     previous = find_record(model)
     if previous is not None:
         unpatch(model)
     try:
+        if data is not None:
+            routing = calibrate(
+                model, base, routing, family.native_routing(sites[0].router), len(sites), data,
+                install=lambda probe: _install(model, family, sites, base, probe), remove=lambda: unpatch(model),
+            )
         _install(model, family, sites, base, routing)
     except Exception:
         unpatch(model)

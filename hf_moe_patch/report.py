@@ -77,6 +77,34 @@ class RoutingCase:
     options: dict[str, Any]
 
 
+def calibrate_cases(model: nn.Module, cases: Iterable[RoutingCase], calibration: Any = None, tokenizer: Any = None,
+                    **calibration_kwargs: Any) -> list[RoutingCase]:
+    """Fit the thresholds of every causal case that has none (``causal=True`` without
+    ``thresholds``) on ``calibration`` (see :func:`~hf_moe_patch.patch`); other cases pass
+    unchanged. The model is left as it was. Cases can then run without the text.
+
+    Example:
+        >>> cases = calibrate_cases(model, [parse_case("usmoe:causal=true,top_k=2")], texts, tokenizer)  # doctest: +SKIP
+        >>> len(cases[0].options["thresholds"]) == model.config.num_hidden_layers  # doctest: +SKIP
+        True
+    """
+    from .methods import build_method
+    from .patching import routing_config
+
+    out = []
+    for case in cases:
+        if not build_method(case.method, case.options).needs_calibration():
+            out.append(case)
+            continue
+        progress_logger.info("calibrating %s", case.label)
+        with patched(model, case.method, calibration=calibration, tokenizer=tokenizer, **calibration_kwargs,
+                     **case.options):
+            config = routing_config(model) or {}
+        options = {**case.options, "thresholds": config["thresholds"], "calibration_info": config["calibration_info"]}
+        out.append(RoutingCase(case.label, case.method, options))
+    return out
+
+
 def slug(text: str) -> str:
     """``text`` made safe for a file or folder name (runs of other characters become ``-``).
 

@@ -16,7 +16,7 @@ Example:
     ['topk', 'usmoe:top_k=0.75x']
     >>> parse_routings(["usmo"])
     Traceback (most recent call last):
-    hf_moe_patch.errors.InvalidOptionError: Unknown routing method 'usmo'. Did you mean 'usmoe'? Supported methods: topk, usmoe, expert_choice, ssr.
+    hf_moe_patch.errors.InvalidOptionError: Unknown routing method 'usmo'. Did you mean 'usmoe'? Supported methods: topk, usmoe, expert_choice, ssr, top_p.
 """
 
 from __future__ import annotations

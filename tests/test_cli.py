@@ -66,7 +66,7 @@ def test_methods_lists_options_and_ranges():
     # Whole descriptions, not their first line cut mid-sentence.
     text = " ".join(out.stdout.split())
     assert "valid tokens by S = softmax_experts(Z); the gate is S" in text
-    assert "Use it for analysis, not generation." in text
+    assert "Use it for analysis, or use causal=True for generation." in text
     assert "weight of the expert-softmax term in U" in text  # each option says what it is
     assert "`" not in out.stdout
 
@@ -79,7 +79,7 @@ def test_methods_shows_the_ranges_of_a_given_model():
     assert [line for line in out.stdout.splitlines() if line and not line.startswith(" ")][1:] == ["usmoe", "expert_choice"]
     bad = run("methods", "usmo")
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "hf-moe-patch: error: unknown routing method 'usmo'. Did you mean 'usmoe'? Methods: topk, usmoe, expert_choice, ssr")
+        "hf-moe-patch: error: unknown routing method 'usmo'. Did you mean 'usmoe'? Methods: topk, usmoe, expert_choice, ssr, top_p")
 
 
 SMALL_SIZES = json.dumps(SMALL_TASKS)
@@ -104,6 +104,35 @@ def test_mteb_end_to_end_on_a_saved_model(tiny_demo, tmp_path):
     assert lines[1].startswith("[2/3] usmoe:top_k=1x on task WordNetWuPalmerSTS") and "ETA" in lines[1]
     assert lines[2].startswith("[3/3] usmoe:top_k=0.5x") and lines[3].startswith("done: 3 routings in ")
     assert len(lines) == 4 and "\r" not in out.stderr, out.stderr  # no bars, no warnings
+
+
+def test_mteb_calibrates_causal_routings_on_wordnet_train_text(tiny_demo, tmp_path):
+    """A causal routing without thresholds is calibrated once (on WordNet train-split documents),
+    before the evaluation; its thresholds are recorded with the run."""
+    path, _ = tiny_demo
+    out = run("mteb", str(path), "--methods", "topk,usmoe:causal=true,top_k=1", "--tasks", "WordNetWuPalmerSTS",
+              "--wordnet", str(WORDNET_FIXTURE), "--wordnet-sizes", SMALL_SIZES, "--calibration-texts", "20",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    run_ = json.loads((tmp_path / "out" / "mteb_comparison.json").read_text())["runs"][1]
+    assert run_["label"] == "usmoe:causal=true,top_k=1"
+    options = run_["options"]
+    assert len(options["thresholds"]) == 2 and options["calibration_info"]["sequences"] == 20
+    assert run_["stats"]["experts_per_token_mean"] == pytest.approx(1.0, rel=0.25)
+    assert "calibrating usmoe:causal=true,top_k=1" in out.stderr
+
+
+def test_stats_needs_calibration_text_for_a_causal_routing(tmp_path):
+    out = run("stats", "demo", "--methods", "usmoe:causal=true", "--out", str(tmp_path / "out"))
+    assert "a causal routing without thresholds needs text to calibrate on: pass --calibration-file PATH" in one_line_error(out)
+    (tmp_path / "cal.txt").write_text("a small dog\nthe act of running fast\na tall tree with needles\n")
+    out = run("stats", "demo", "--methods", "topk", "usmoe:causal=true,top_k=2", "--calibration-file",
+              str(tmp_path / "cal.txt"), "--texts", str(tmp_path / "cal.txt"), "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "out" / "routing_stats.json").read_text())
+    # Measured on the calibration text itself: 2 experts per token, up to a tie of the texts'
+    # identical first tokens (at most one cell per layer here: 2 +- 1/17).
+    assert rows[1]["experts_per_token_mean"] == pytest.approx(2.0, abs=1 / 17 + 1e-9)
 
 
 def test_mteb_rejects_bad_options_with_a_clear_message(tiny_demo, tmp_path):
@@ -147,11 +176,14 @@ def one_line_error(out: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "usmo"], "Unknown routing method 'usmo'. Did you mean 'usmoe'? Supported methods: topk, usmoe, expert_choice, ssr."),
-    (["--methods", ","], "no routing given in --methods; give one or more of topk, usmoe, expert_choice, ssr"),
+    (["--methods", "usmo"], "Unknown routing method 'usmo'. Did you mean 'usmoe'? Supported methods: topk, usmoe, expert_choice, ssr, top_p."),
+    (["--methods", ","], "no routing given in --methods; give one or more of topk, usmoe, expert_choice, ssr, top_p"),
     (["--methods", ""], "no routing given in --methods"),
     (["--methods", "usmoe:alpah=0.3"], "Unknown option 'alpah' for routing method 'usmoe'. Did you mean 'alpha'?"),
-    (["--methods", "topk:top_k=2"], "Unknown option 'top_k' for routing method 'topk'. 'topk' takes no options."),
+    (["--methods", "topk:topk=2"], "Unknown option 'topk' for routing method 'topk'. Did you mean 'top_k'? Valid options: top_k."),
+    (["--methods", "topk:top_k=9"], "Invalid value for option 'top_k' of routing method 'topk': 9. "
+                                    "Valid: None (the native k=2: the native router itself) or an integer in [1, 8] (N experts)."),
+    (["--methods", "top_p:p=0"], "Invalid value for option 'p' of routing method 'top_p': 0. Valid: a number in (0, 1]."),
     (["--methods", "usmoe:top_k=0x"], "A multiple of the native k must be > 0"),
     # A range that depends on the model: checked from its config, before the weights.
     (["--methods", "usmoe:top_k=9"], "Invalid value for option 'top_k' of routing method 'usmoe': 9. "
@@ -164,6 +196,9 @@ def one_line_error(out: subprocess.CompletedProcess) -> str:
     (["--dtype", "bfloat"], "Did you mean 'bfloat16'?"),
     (["--wordnet-sizes", "{nope"], "--wordnet-sizes is not valid JSON"),
     (["--wordnet", "/no/wordnet/here"], "WordNet 3.0 database files were not found"),
+    (["--calibration-texts", "0"], "--calibration-texts=0 is not valid; an integer >= 1"),
+    (["--calibration-file", "/no/such/file.txt"], "--calibration-file /no/such/file.txt: no such file"),
+    (["--methods", "usmoe:causal=true,scope=\"batch\""], "Invalid value for option 'scope' of routing method 'usmoe'"),
 ])
 def test_mteb_checks_every_argument_before_loading_the_model(unloadable_model, tmp_path, args, message):
     out = run("mteb", str(unloadable_model), "--wordnet", str(WORDNET_FIXTURE), *args,

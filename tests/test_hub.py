@@ -136,7 +136,12 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("family,method,options", [("olmoe", "usmoe", {"top_k": 1.5}), ("deepseek_v3", "expert_choice", {})])
+@pytest.mark.parametrize("family,method,options", [
+    ("olmoe", "usmoe", {"top_k": 1.5}),
+    ("deepseek_v3", "expert_choice", {}),
+    # causal routing needs the calibrated thresholds (and the threshold rules) in the embedded copy
+    ("qwen3_moe", "usmoe", {"top_k": 1.5, "causal": True, "thresholds": [0.2, 0.21]}),
+])
 def test_remote_code_loads_the_same_routing_without_the_package(tmp_path, family, method, options):
     from hf_moe_patch.sharing.remote_code import write_remote_code
 

@@ -610,15 +610,33 @@ NAN, INF = float("nan"), float("inf")
 BUDGET = "None (the native k=2) or a number in (0, 4] (N experts)"
 
 BAD_OPTIONS = {
+    "topk": {
+        "top_k": ([0, 5, -1, 1.5, 2.0, True, "2", NAN],
+                  "None (the native k=2: the native router itself) or an integer in [1, 4] (N experts)"),
+    },
+    "top_p": {
+        "p": ([0, 0.0, -0.1, 1.5, True, "0.5", NAN, INF, None], "a number in (0, 1]"),
+        "max_k": ([0, 5, -1, 1.5, 2.0, True, "2"], "None (no cap) or an integer in [1, 4] (N experts)"),
+        "renormalize": ([1, 0, "yes", "True"], "one of None, True, False"),
+    },
     "usmoe": {
         "top_k": ([0, 0.0, -1, 4.5, 5, True, "2", NAN, INF], BUDGET),
         "alpha": ([-0.1, 1.5, True, "0.5", NAN, None], "a number in [0, 1]"),
         "scope": (["global", None, 1, "Sequence"], "one of 'sequence', 'batch'"),
         "renormalize": ([1, 0, "yes", "True"], "one of None, True, False"),
         "min_experts": ([-1, 5, 1.0, True, None], "an integer in [0, 4] (N experts)"),
+        "causal": ([1, 0, "yes", None], "one of False, True"),
+        "thresholds": (["0.1", 0.1, [], [NAN], [True], [0.1, "x"], [[0.1]]],
+                       "None or a non-empty list with a number per MoE layer (N = 4; no NaN)"),
+        "max_experts": ([0, 5, 1.5, True, "2"], "None or an integer in [1, 4] (N experts)"),
+        "calibration_info": (["x", 1, [1]], "None or the dict a calibration writes"),
     },
     "expert_choice": {
         "top_k": ([0, -0.5, 5, False, "1", NAN], BUDGET),
+        "causal": ([1, "yes", None], "one of False, True"),
+        "thresholds": ([[0.1, 0.2], [[0.1] * 3], [[0.1] * 4, [NAN] * 4], [[0.1] * 5]],
+                       "None or a non-empty list with a list of N numbers per MoE layer (N = 4; no NaN)"),
+        "calibration_info": (["x", [1]], "None or the dict a calibration writes"),
     },
     "ssr": {
         "p": ([-0.1, 1.1, True, "0.1", NAN, None], "a number in [0, 1]"),
@@ -656,15 +674,18 @@ def test_invalid_option_value_message(method, option, value, valid_text):
     assert isinstance(err.value, ValueError)
 
 
-def test_every_option_of_every_method_is_covered():
-    for name, cls in METHODS.items():
-        fields = {f.name for f in __import__("dataclasses").fields(cls)}
-        assert set(cls.OPTIONS) == fields, name
-        assert set(BAD_OPTIONS.get(name, {})) == fields, name
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_option_of_every_method_is_covered(name):
+    cls = METHODS[name]
+    fields = {f.name for f in __import__("dataclasses").fields(cls)}
+    assert set(cls.OPTIONS) == fields, name
+    assert set(BAD_OPTIONS.get(name, {})) == fields, name
 
 
 GOOD_OPTIONS = {
-    "topk": [{}],
+    "topk": [{}, {"top_k": None}, {"top_k": 1}, {"top_k": 2}, {"top_k": 4}],
+    "top_p": [{}, {"p": 1}, {"p": 1e-9}, {"p": 0.5}, {"max_k": None}, {"max_k": 1}, {"max_k": 4},
+              {"renormalize": True}, {"renormalize": False}],
     "usmoe": [
         {},
         {"top_k": 4},
@@ -678,8 +699,13 @@ GOOD_OPTIONS = {
         {"renormalize": False},
         {"min_experts": 0},
         {"min_experts": 4},
+        {"causal": True},
+        {"causal": True, "thresholds": [0.1, INF], "max_experts": 3, "min_experts": 1},
+        {"causal": True, "top_k": 4, "max_experts": 4},
+        {"causal": True, "thresholds": [0.2], "calibration_info": {"tokens": 9}},
     ],
-    "expert_choice": [{}, {"top_k": 4}, {"top_k": 0.25}],
+    "expert_choice": [{}, {"top_k": 4}, {"top_k": 0.25}, {"causal": True},
+                      {"causal": True, "thresholds": [[0.1, 0.2, 0.3, INF]]}],
     "ssr": [
         {},
         {"p": 0},
@@ -733,6 +759,11 @@ def test_unknown_option_suggests_close_match():
     assert "Did you mean" not in str(err.value) and "'zzzz'" in str(err.value)
     with pytest.raises(InvalidOptionError, match="'alpha'"):
         build_method("topk", {"alpha": 0.5})
+    with pytest.raises(InvalidOptionError) as err:
+        build_method("topk", {"topk": 1})
+    assert str(err.value) == "Unknown option 'topk' for routing method 'topk'. Did you mean 'top_k'? Valid options: top_k."
+    with pytest.raises(InvalidOptionError, match="Did you mean 'max_k'\\? Valid options: max_k, p, renormalize."):
+        build_method("top_p", {"maxk": 3})
 
 
 def test_unknown_method_lists_methods():
@@ -740,7 +771,7 @@ def test_unknown_method_lists_methods():
         build_method("usmo", {})
     msg = str(err.value)
     assert "'usmo'" in msg and "Did you mean 'usmoe'?" in msg
-    for name in ("topk", "usmoe", "expert_choice", "ssr"):
+    for name in ("topk", "usmoe", "expert_choice", "ssr", "top_p"):
         assert name in msg
     with pytest.raises(InvalidOptionError) as err:
         build_method("hash_routing", {})

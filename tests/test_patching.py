@@ -54,7 +54,9 @@ def test_repatch_replaces_previous_routing(model):
     hmp.patch(model, "usmoe", top_k=1.0)
     hmp.patch(model, "expert_choice")
     assert torch.equal(logits_of(model, ids, mask), ec)
-    assert hmp.routing_config(model) == {"method": "expert_choice", "top_k": None}
+    assert hmp.routing_config(model) == {
+        "method": "expert_choice", "top_k": None, "causal": False, "thresholds": None, "calibration_info": None
+    }
     assert len(model.model._forward_pre_hooks) == 1
 
 
@@ -327,7 +329,9 @@ def test_patched_context_restores_on_exit_and_error():
     with pytest.raises(RuntimeError, match="boom"):
         with hmp.patched(model, "ssr", p=0.5):
             raise RuntimeError("boom")
-    assert hmp.routing_config(model) == {"method": "expert_choice", "top_k": None}
+    assert hmp.routing_config(model) == {
+        "method": "expert_choice", "top_k": None, "causal": False, "thresholds": None, "calibration_info": None
+    }
     hmp.unpatch(model)
     assert torch.equal(logits_of(model, ids, mask), ref)
 

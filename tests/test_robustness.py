@@ -17,7 +17,8 @@ from hf_moe_patch.errors import UnsupportedModelError
 from hf_moe_patch.patching import find_record
 from hf_moe_patch.testing import tiny_model
 
-VARIABLE_K = [("usmoe", {"top_k": 1.5}), ("expert_choice", {}), ("ssr", {"inference": "sinkhorn", "epsilon": 0.1})]
+VARIABLE_K = [("usmoe", {"top_k": 1.5}), ("expert_choice", {}), ("ssr", {"inference": "sinkhorn", "epsilon": 0.1}),
+              ("top_p", {"p": 0.6})]
 
 
 def logits(model, ids, mask=None, **kwargs):

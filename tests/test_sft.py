@@ -365,3 +365,18 @@ def test_sft_compare_checks_every_routing_first(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hf_moe_patch.cli", "sft-compare", "demo", "--methods", "topk:aux_loss=maybe"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 2 and "aux_loss='maybe' in 'topk:aux_loss=maybe' is not valid; valid: auto, on, off" in proc.stderr
+
+
+def test_a_checkpoint_of_an_older_version_matches_the_same_routing_with_new_defaults():
+    # Written before topk took top_k and usmoe took causal/thresholds/max_experts: the same
+    # routing once the new options' defaults are filled in; a real change still differs.
+    from hf_moe_patch.training.sft import _same_routing
+
+    old_topk = {"method": "topk", "resolved": {"method": "topk"}}
+    assert _same_routing(old_topk, {"method": "topk", "resolved": {"method": "topk", "top_k": None}})
+    assert not _same_routing(old_topk, {"method": "topk", "resolved": {"method": "topk", "top_k": 1}})
+    old = {"method": "usmoe", "resolved": {"method": "usmoe", "top_k": 1.5, "alpha": 0.5, "scope": "sequence",
+                                           "renormalize": None, "min_experts": 0}}
+    new = {"method": "usmoe", "resolved": {"method": "usmoe", "top_k": 1.5, "causal": False}}
+    assert _same_routing(old, new)
+    assert not _same_routing(old, {"method": "usmoe", "resolved": {"method": "usmoe", "top_k": 1.5, "causal": True}})

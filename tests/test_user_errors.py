@@ -3,6 +3,7 @@ sentence each, with suggestions and never an empty list (issue: errors a user ca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,21 +14,42 @@ import pytest
 import hf_moe_patch as hmp
 from hf_moe_patch.hub_access import locate_model
 from hf_moe_patch.lm import load_model_and_tokenizer
-from hf_moe_patch.methods import NativeRouting
+from hf_moe_patch.methods import NativeRouting, RoutingMethod
 from hf_moe_patch.testing import tiny_config, tiny_model
 from hf_moe_patch.validation import check_routings, check_writable_dir, native_from_config, parse_routings
 
 
 def test_a_method_without_options_says_so_instead_of_an_empty_list():
+    @dataclasses.dataclass
+    class Bare(RoutingMethod):
+        name = "bare"
+
     with pytest.raises(hmp.InvalidOptionError) as err:
-        hmp.patch(tiny_model("olmoe"), "topk", top_k=2)
-    assert str(err.value) == "Unknown option 'top_k' for routing method 'topk'. 'topk' takes no options."
-    with pytest.raises(hmp.InvalidOptionError, match="Did you mean 'alpha'\\? Valid options: alpha, min_experts, "):
+        Bare.from_options({"top_k": 2})
+    assert str(err.value) == "Unknown option 'top_k' for routing method 'bare'. 'bare' takes no options."
+    with pytest.raises(hmp.InvalidOptionError, match="Did you mean .alpha.\\? Valid options: alpha, calibration_info, causal, max_experts, min_experts, "):
         hmp.patch(tiny_model("olmoe"), "usmoe", alpah=0.3)
 
 
+def test_topk_and_top_p_name_the_option_the_value_and_the_valid_range():
+    # topk takes top_k now: a bad name lists it, never an empty list ("Valid options: .").
+    with pytest.raises(hmp.InvalidOptionError) as err:
+        hmp.patch(tiny_model("olmoe"), "topk", topk=2)
+    assert str(err.value) == ("Unknown option 'topk' for routing method 'topk'. Did you mean 'top_k'? "
+                              "Valid options: top_k.")
+    # tiny OLMoE: N = 8 experts, k = 2.
+    with pytest.raises(hmp.InvalidOptionError) as err:
+        hmp.patch(tiny_model("olmoe"), "topk", top_k=99)
+    assert str(err.value) == ("Invalid value for option 'top_k' of routing method 'topk': 99. "
+                              "Valid: None (the native k=2: the native router itself) or an integer in [1, 8] (N experts).")
+    with pytest.raises(hmp.InvalidOptionError) as err:
+        hmp.patch(tiny_model("olmoe"), "top_p", max_k=9)
+    assert str(err.value) == ("Invalid value for option 'max_k' of routing method 'top_p': 9. "
+                              "Valid: None (no cap) or an integer in [1, 8] (N experts).")
+
+
 @pytest.mark.parametrize("specs, message", [
-    (["usmo"], "Unknown routing method 'usmo'. Did you mean 'usmoe'? Supported methods: topk, usmoe, expert_choice, ssr."),
+    (["usmo"], "Unknown routing method 'usmo'. Did you mean 'usmoe'? Supported methods: topk, usmoe, expert_choice, ssr, top_p."),
     ([], "no routing given in methods"),
     ([":alpha=1"], "':alpha=1' in methods names no routing method"),
     (["usmoe:alpha"], "Option 'alpha' in 'usmoe:alpha' is not of the form key=value."),
@@ -38,6 +60,10 @@ def test_a_method_without_options_says_so_instead_of_an_empty_list():
     (["usmoe:top_k=lots"], "top_k='lots' is not valid; use a number of experts (e.g. 1.5) or a multiple of the native k"),
     (["usmoe:min_experts=1.5"], "Valid: an integer in [0, N] (N experts)."),
     (["ssr:seed=1.5"], "Valid: None or an integer in [0, 2**63 - 2]."),
+    (["topk:top_k=1.5"], "Valid: None (the native k: the native router itself) or an integer in [1, N] (N experts)."),
+    (["top_p:p=1.5"], "Invalid value for option 'p' of routing method 'top_p': 1.5. Valid: a number in (0, 1]."),
+    (["top_p:max_k=0"], "Valid: None (no cap) or an integer in [1, N] (N experts)."),
+    (["top_p:pp=0.5"], "Unknown option 'pp' for routing method 'top_p'. Did you mean 'p'?"),
 ])
 def test_routings_are_checked_without_a_model(specs, message):
     with pytest.raises(ValueError) as err:

@@ -48,8 +48,8 @@ def add_eval_options(p: argparse.ArgumentParser, methods: list[str]) -> None:
                    help="routings, comma- or space-separated, each METHOD[:key=value,...] (JSON values; top_k may be "
                         "a multiple of the native k such as 0.75x; see hf-moe-patch methods); default: %(default)s")
     p.add_argument("--top-k", nargs="+", metavar="BUDGET",
-                   help="budgets to sweep for every method with a top_k option that does not set it, e.g. 1x 0.75x "
-                        "0.5x or 4 3 (default: none)")
+                   help="budgets to sweep for every method with a top_k option that does not set it (topk, the "
+                        "baseline, excepted), e.g. 1x 0.75x 0.5x or 4 3 (default: none)")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help=f"mteb task names (default: the local WordNet tasks {', '.join(LOCAL_TASKS)}); MTEB tasks "
                         "need the Hub or its local cache")
@@ -70,6 +70,12 @@ def add_eval_options(p: argparse.ArgumentParser, methods: list[str]) -> None:
     p.add_argument("--wordnet", help="folder of WordNet's data.* files (default: $HF_MOE_PATCH_WORDNET or /usr/share/wordnet)")
     p.add_argument("--wordnet-split", default="heldout", choices=["heldout", "train", "all"],
                    help="WordNet synsets the local tasks draw from; heldout: words the demo model never saw (default: %(default)s)")
+    p.add_argument("--calibration-file", metavar="PATH",
+                   help="texts, one per line, to calibrate causal routings (causal=true without thresholds) on "
+                        "(default: WordNet train-split documents, see --calibration-texts)")
+    p.add_argument("--calibration-texts", type=int, default=256,
+                   help="WordNet train-split documents (a seeded sample) to calibrate causal routings on, when "
+                        "--calibration-file is not given (default: %(default)s)")
     p.add_argument("--wordnet-sizes", metavar="JSON",
                    help="JSON overrides of the local tasks' sizes, e.g. '{\"WordNetWuPalmerSTS\": {\"n_pairs\": 200}}'")
 
@@ -128,17 +134,51 @@ def check_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             fail(f"{flag}={value} is not valid; an integer >= 1")
     check_out(args.out, "--out")
     check_out(args.cache_dir, "--cache-dir")
+    if args.calibration_texts < 1:
+        fail(f"--calibration-texts={args.calibration_texts} is not valid; an integer >= 1")
+    if args.calibration_file is not None:
+        path = Path(args.calibration_file)
+        if not path.is_file():
+            fail(f"--calibration-file {args.calibration_file}: no such file")
+        if not any(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()):
+            fail(f"--calibration-file {args.calibration_file} holds no text")
     return {"specs": specs, "budgets": budgets, "tasks": tasks, "corruption": corruption, "sizes": sizes}
 
 
-def evaluate(args: argparse.Namespace, checked: dict[str, Any], model, tokenizer, title: str):
+def calibration_texts(args: argparse.Namespace, cases) -> list[str] | None:
+    """The text causal routings are calibrated on, or None when no case needs any."""
+    import random
+
+    from ..methods import build_method
+
+    if not any(build_method(c.method, c.options).needs_calibration() for c in cases):
+        return None
+    if args.calibration_file is not None:
+        lines = Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()]
+    from ..data.wordnet import load_wordnet
+    from ..training.demo_model import corpus
+
+    docs = corpus(load_wordnet(args.wordnet), "train")  # never the held-out text the tasks draw from
+    random.Random(0).shuffle(docs)
+    return docs[: args.calibration_texts]
+
+
+def calibrated(args: argparse.Namespace, cases, model, tokenizer):
+    """``cases`` with the thresholds of their causal routings fitted (see calibrate_cases)."""
+    from ..report import calibrate_cases
+
+    return calibrate_cases(model, cases, calibration_texts(args, cases), tokenizer)
+
+
+def evaluate(args: argparse.Namespace, checked: dict[str, Any], model, tokenizer, title: str, cases):
     from ..embeddings.evaluation import evaluate_routings
 
     quiet_bars(datasets=True)
     report = evaluate_routings(
-        model, tokenizer, checked["specs"], checked["tasks"], embedding=args.embedding, prompt=args.prompt,
+        model, tokenizer, cases, checked["tasks"], embedding=args.embedding, prompt=args.prompt,
         instruction=args.instruction, sum_weight=args.sum_weight, batch_size=args.batch_size,
-        max_length=args.max_length, top_k=checked["budgets"], corruption=checked["corruption"], cache_dir=args.cache_dir,
+        max_length=args.max_length, corruption=checked["corruption"], cache_dir=args.cache_dir,
         out_dir=args.out, overwrite=args.overwrite, title=title,
         wordnet_kwargs={"path": args.wordnet, "split": args.wordnet_split, "sizes": checked["sizes"]},
     )
@@ -161,12 +201,12 @@ def load(name: str, revision: str | None, dtype: str, device: str | None):
 def run_mteb(args: argparse.Namespace) -> int:
     checked = check_evaluation(args)
     _, _, config = locate(args.model, args.revision)
-    check_cases_for_config(checked["specs"], config, checked["budgets"])
+    cases = check_cases_for_config(checked["specs"], config, checked["budgets"])
     model, tokenizer = load(args.model, args.revision, args.dtype, args.device)
     title = f"MTEB ({args.embedding}, prompt {args.prompt}) of {args.model} under each routing"
     if args.corrupt:
         title += f", texts corrupted with {args.corrupt}"
-    evaluate(args, checked, model, tokenizer, title)
+    evaluate(args, checked, model, tokenizer, title, calibrated(args, cases, model, tokenizer))
     return 0
 
 
@@ -201,7 +241,8 @@ def run_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load("demo", None, "float32", None)
     title = (f"MTEB ({args.embedding}, prompt {args.prompt}) of the shipped WordNet demo model "
              f"(OLMoE architecture, {model.config.num_experts} experts, top-{model.config.num_experts_per_tok}) under each routing")
-    evaluate(args, checked, model, tokenizer, title)
+    cases = calibrated(args, cases, model, tokenizer)
+    evaluate(args, checked, model, tokenizer, title, cases)
     # Routing statistics on held-out WordNet text (no padding: one packed block per row).
     texts = corpus(load_wordnet(args.wordnet), "heldout")[: args.stats_texts]
     corruption = parse_corruption(args.corrupt)

@@ -14,6 +14,7 @@ DEFAULT_CASES = [
     "usmoe:top_k=1.0",
     "expert_choice",
     "ssr:inference=sinkhorn",
+    "top_p",
 ]
 
 DESCRIPTION = """\
@@ -42,6 +43,9 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per text at most (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the checkpoint's own dtype (default: %(default)s)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (default: none)")
+    p.add_argument("--calibration-file", metavar="PATH",
+                   help="texts, one per line, to calibrate causal routings (causal=true without thresholds) on; "
+                        "needed only by such routings (default: none)")
     p.add_argument("--out", default="stats_out", help="folder for routing_stats.{json,md} and routing_load.png (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -68,6 +72,18 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out, "--out")
     path, extra, config = locate(args.model, args.revision)
     cases = check_cases_for_config(specs, config)
+    from ..methods import build_method
+
+    calibration = None
+    if any(build_method(c.method, c.options).needs_calibration() for c in cases):
+        if args.calibration_file is None:
+            fail("a causal routing without thresholds needs text to calibrate on: pass --calibration-file PATH "
+                 "(one text per line; better not the texts measured here)")
+        if not Path(args.calibration_file).is_file():
+            fail(f"--calibration-file {args.calibration_file}: no such file")
+        calibration = [t for t in Path(args.calibration_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+        if not calibration:
+            fail(f"--calibration-file {args.calibration_file} holds no text")
     quiet_bars()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision, **extra)
     if tokenizer.pad_token is None:
@@ -79,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
     for i in range(0, len(texts), args.batch_size):
         enc = tokenizer(texts[i:i + args.batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=args.max_length)
-        batches.append({k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+        batch = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        # Positions from the mask, as generate() computes them: left padding must not shift them.
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        batches.append(batch)
+    if calibration is not None:
+        from ..report import calibrate_cases
+
+        cases = calibrate_cases(model, cases, calibration, tokenizer)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     source = f"{where.format(n=len(texts))} ({tokens} tokens, padding excluded)"
     return run_comparison(model, batches, cases, Path(args.out), f"Routing of {args.model}", source)

@@ -37,8 +37,9 @@ from torch import nn
 
 from ..data.corruption import Corruption
 from ..io import atomic_path, atomic_write_text, read_json_or_none
+from ..methods import build_method
 from ..patching import check_routing, patched, routing_config
-from ..report import RoutingCase, escape_cell, format_duration, legend_columns, progress_logger, save_figure, slug
+from ..report import RoutingCase, calibrate_cases, escape_cell, format_duration, legend_columns, progress_logger, save_figure, slug
 from ..validation import parse_routings, resolve_budget
 from ..stats import collect_stats
 from ..version import __version__
@@ -50,9 +51,9 @@ BASELINE = "topk"
 
 def expand_cases(specs: Sequence[str | RoutingCase], native_k: int, top_k: Sequence[str] | None = None) -> list[RoutingCase]:
     """Parse method specs; with ``top_k`` budgets, each method that takes ``top_k`` and does not
-    set it is run once per budget. ``"...x"`` budgets are multiples of the native ``k``. Method
-    and option names are checked (:func:`hf_moe_patch.validation.parse_routings`), with
-    did-you-mean suggestions.
+    set it is run once per budget (except the baseline ``"topk"``, which stays native).
+    ``"...x"`` budgets are multiples of the native ``k``. Method and option names are checked
+    (:func:`hf_moe_patch.validation.parse_routings`), with did-you-mean suggestions.
 
     Example:
         >>> [c.label for c in expand_cases(["topk", "usmoe"], 8, ["1x", "0.5x"])]
@@ -67,7 +68,8 @@ def expand_cases(specs: Sequence[str | RoutingCase], native_k: int, top_k: Seque
         resolve_budget(budget, native_k)  # its form, before anything runs
     cases: list[RoutingCase] = []
     for case in parse_routings(specs):
-        takes_budget = "top_k" in METHODS[case.method].OPTIONS
+        # The baseline "topk" is never swept: it stays the native router that the deltas compare to.
+        takes_budget = "top_k" in METHODS[case.method].OPTIONS and case.method != BASELINE
         if budgets and takes_budget and "top_k" not in case.options:
             for budget in budgets:
                 options = {**case.options, "top_k": resolve_budget(budget, native_k)}
@@ -495,6 +497,7 @@ def evaluate_routings(
     progress: bool | None = None,
     title: str | None = None,
     wordnet_kwargs: dict[str, Any] | None = None,
+    calibration: Any = None,
 ) -> ComparisonReport:
     """Evaluate ``model`` on ``tasks`` under each routing of ``cases`` and compare.
 
@@ -514,6 +517,9 @@ def evaluate_routings(
             all measured again (``cached=False``) and replace the cache entries. Without it, an
             unreadable cache entry (e.g. truncated by a crash) counts as missing: a warning is
             logged and the run is recomputed.
+        calibration: text for the causal routings without thresholds (``causal=True``): a list of
+            strings (tokenized with ``tokenizer``) or tokenized batches, as ``patch`` takes it;
+            each such routing is calibrated once, before any evaluation.
         progress: progress bars (mteb's, over the tasks of a routing): None (default) shows them
             only when stderr is a terminal. Either way one line per routing, ``[i/n] label on
             tasks ... ETA``, goes to the ``hf_moe_patch.progress`` logger (INFO).
@@ -536,13 +542,16 @@ def evaluate_routings(
     native_k = int(getattr(model.config, "num_experts_per_tok"))
     routing_cases = expand_cases(cases, native_k, top_k)
     for case in routing_cases:  # a bad option fails here, before hours of evaluation
-        check_routing(model, case.method, **case.options)
+        needs_text = build_method(case.method, case.options).needs_calibration()
+        check_routing(model, case.method, **case.options,
+                      **({"calibration": calibration, "tokenizer": tokenizer} if needs_text else {}))
     check_tasks(tasks)
     check_writable_dir(cache_dir, flag="cache_dir")
     if out_dir is not None:
         check_writable_dir(out_dir, flag="out_dir")
     bars = sys.stderr.isatty() if progress is None else bool(progress)
     task_objects = load_tasks(tasks, **(wordnet_kwargs or {}))
+    routing_cases = calibrate_cases(model, routing_cases, calibration, tokenizer)
     # batch_size matters to batch-scoped routings, dtype to every embedding.
     settings = {"embedding": embedding, "prompt": prompt, "instruction": instruction, "sum_weight": sum_weight,
                 "max_length": max_length, "batch_size": batch_size, "dtype": str(next(model.parameters()).dtype),

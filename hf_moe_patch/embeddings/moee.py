@@ -250,6 +250,8 @@ def routing_tag(model: nn.Module) -> str:
         >>> import hf_moe_patch as hmp
         >>> routing_tag(hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5))
         'usmoe-top_k=1.5'
+        >>> routing_tag(hmp.patch(tiny_model("olmoe"), "usmoe", causal=True, thresholds=[0.2, 0.3]))
+        'usmoe-causal=True-thresholds=a0579de3'
     """
     record = find_record(model)
     if record is None:
@@ -257,7 +259,13 @@ def routing_tag(model: nn.Module) -> str:
     config = record.config()
     method = config.pop("method")
     defaults = METHODS[method]().options() if method in METHODS else {}
+    # Calibrated thresholds are many numbers: a short hash of them names the calibration.
+    thresholds = config.pop("thresholds", None)
+    config.pop("calibration_info", None)
     parts = [method] + [f"{k}={v}" for k, v in config.items() if k not in defaults or defaults[k] != v]
+    if thresholds is not None:
+        digest = hashlib.sha256(json.dumps(thresholds).encode()).hexdigest()[:8]
+        parts.append(f"thresholds={digest}")
     return "-".join(parts)
 
 

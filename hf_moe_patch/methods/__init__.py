@@ -13,10 +13,11 @@ from ..errors import InvalidOptionError
 from .base import NativeRouting, RouterCall, RoutingMethod, StepState
 from .expert_choice import ExpertChoice
 from .ssr import SSR
+from .top_p import TopP
 from .topk import TopK
 from .usmoe import USMoE
 
-METHODS: dict[str, type[RoutingMethod]] = {cls.name: cls for cls in (TopK, USMoE, ExpertChoice, SSR)}
+METHODS: dict[str, type[RoutingMethod]] = {cls.name: cls for cls in (TopK, USMoE, ExpertChoice, SSR, TopP)}
 
 
 def build_method(method: str, options: dict[str, Any]) -> RoutingMethod:

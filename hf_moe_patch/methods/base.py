@@ -217,6 +217,38 @@ def experts_budget() -> Option:
     return Option(check, lambda n: f"None (the native k={n.top_k}) or a number in (0, {n.num_experts}] (N experts)")
 
 
+def optional_experts_count() -> Option:
+    """None or an integer number of experts in ``[1, N]``."""
+
+    def check(v: Any, native: NativeRouting) -> bool:
+        return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= native.num_experts)
+
+    return Option(check, lambda n: f"None or an integer in [1, {n.num_experts}] (N experts)")
+
+
+def threshold_list(*, per_expert: bool) -> Option:
+    """None, or one threshold per MoE layer: a number (``per_expert=False``) or a list of ``N``
+    numbers (``per_expert=True``); numbers may be infinite, never NaN."""
+
+    def number(x: Any) -> bool:
+        return _is_real(x) and x == x
+
+    def check(v: Any, native: NativeRouting) -> bool:
+        if v is None:
+            return True
+        if not isinstance(v, (list, tuple)) or not v:
+            return False
+        if per_expert:
+            return all(
+                isinstance(row, (list, tuple)) and len(row) == native.num_experts and all(number(x) for x in row)
+                for row in v
+            )
+        return all(number(x) for x in v)
+
+    what = "a list of N numbers per MoE layer" if per_expert else "a number per MoE layer"
+    return Option(check, lambda n: f"None or a non-empty list with {what} (N = {n.num_experts}; no NaN)")
+
+
 def experts_count() -> Option:
     """An integer number of experts in ``[0, N]``."""
 
@@ -224,6 +256,21 @@ def experts_count() -> Option:
         return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= native.num_experts
 
     return Option(check, lambda n: f"an integer in [0, {n.num_experts}] (N experts)")
+
+
+def experts_per_token(none: str) -> Option:
+    """None or an integer number of experts per token in ``[1, N]``; ``none`` says what None
+    means and may name the native k as ``{k}``."""
+
+    def check(v: Any, native: NativeRouting) -> bool:
+        if v is None:
+            return True
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= native.num_experts
+
+    return Option(
+        check,
+        lambda n: f"None ({none.format(k=n.top_k)}) or an integer in [1, {n.num_experts}] (N experts)",
+    )
 
 
 class RoutingMethod:
@@ -277,3 +324,78 @@ class RoutingMethod:
 
     def route(self, call: RouterCall) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- calibration (causal routers with fitted thresholds; see Thresholded) -----------------
+
+    def needs_calibration(self) -> bool:
+        """Whether :func:`~hf_moe_patch.patch` must calibrate this routing on text first."""
+        return False
+
+    def validate_layers(self, num_layers: int) -> None:
+        """Check options that depend on the model's number of MoE layers. Default: none."""
+
+    def _raise(self, key: str, value: Any, valid: str) -> None:
+        raise InvalidOptionError(f"Invalid value for option {key!r} of routing method {self.name!r}: {value!r}. Valid: {valid}.")
+
+
+class Thresholded(RoutingMethod):
+    """A method with a causal mode that routes each token against calibrated thresholds.
+
+    Subclasses are dataclasses with the fields ``causal``, ``thresholds`` and
+    ``calibration_info``, and implement :meth:`calibration_cells` (the scores of a router call's
+    valid tokens), :meth:`threshold_from_cells` (a layer's threshold from all its calibration
+    cells) and :meth:`calibrated_for` (the options the thresholds depend on).
+    :func:`hf_moe_patch.calibration.calibrate` fits the thresholds layer by layer.
+    """
+
+    INFO_OPTION: ClassVar[Option] = Option(
+        lambda v, _: v is None or isinstance(v, dict), "None or the dict a calibration writes"
+    )
+    causal: bool
+    thresholds: list | None
+    calibration_info: dict[str, Any] | None
+
+    def calibration_cells(self, call: RouterCall) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def threshold_from_cells(self, cells: torch.Tensor, native: NativeRouting) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def calibrated_for(self, native: NativeRouting) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def needs_calibration(self) -> bool:
+        return bool(self.causal) and self.thresholds is None
+
+    def threshold(self, layer: int) -> Any:
+        """This MoE layer's threshold (the calibration fills them in layer order)."""
+        return self.thresholds[layer]  # type: ignore[index]
+
+    def with_thresholds(self, thresholds: list, info: dict[str, Any]) -> "Thresholded":
+        """A copy with calibrated thresholds and the record of their calibration."""
+        return dataclasses.replace(self, thresholds=list(thresholds), calibration_info=info)  # type: ignore[type-var]
+
+    def validate(self, native: NativeRouting) -> None:
+        super().validate(native)
+        self._invalid_without_causal("thresholds", self.thresholds is not None)
+        self._invalid_without_causal("calibration_info", self.calibration_info is not None)
+        info = self.calibration_info
+        if info is not None and "calibrated_for" in info:
+            wanted = self.calibrated_for(native)
+            if info["calibrated_for"] != wanted:
+                raise InvalidOptionError(
+                    f"The thresholds of routing method {self.name!r} were calibrated for "
+                    f"{info['calibrated_for']}, not for {wanted}: recalibrate (calibration=...) for these options."
+                )
+
+    def validate_layers(self, num_layers: int) -> None:
+        if self.thresholds is not None and len(self.thresholds) != num_layers:
+            self._raise("thresholds", f"<{len(self.thresholds)} layers>", f"one entry per MoE layer: {num_layers}")
+
+    def _invalid_without_causal(self, key: str, given: bool) -> None:
+        if given and not self.causal:
+            self._raise(key, getattr(self, key), "only with causal=True (leave it unset otherwise)")
+
+    def _invalid_with_causal(self, key: str, given: bool, why: str) -> None:
+        if given:
+            self._raise(key, getattr(self, key), f"its default with causal=True ({why})")

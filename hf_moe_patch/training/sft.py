@@ -14,9 +14,9 @@ Routing during training (``method`` / ``options`` / ``aux_loss``):
 * ``ssr`` flips a coin per forward (per micro-batch) and routes by the Sinkhorn plan when it wins
   (``p=0.01`` by default, ``p=1`` for full Sinkhorn); its patch turns the auxiliary loss off, so
   ``"auto"`` means off;
-* ``usmoe`` and ``expert_choice`` train with their own selection and, under ``"auto"``, without
-  the auxiliary loss (it models top-k selection; expert choice is balanced by construction);
-  ``aux_loss="on"`` keeps it.
+* ``usmoe``, ``expert_choice`` and ``top_p`` train with their own selection and, under
+  ``"auto"``, without the auxiliary loss (it models top-k selection; expert choice is balanced by
+  construction); ``aux_loss="on"`` keeps it. ``topk`` at another ``top_k`` keeps it under ``"auto"``.
 
 SSR's plan is computed per process and per micro-batch: under data parallelism each process
 balances its own micro-batch (ROUTING.md section 3).
@@ -77,7 +77,7 @@ class SFTConfig:
         model: Hub id, local folder, or ``"demo"`` (the shipped demo model).
         method, options: the routing during training and evaluation (``hmp.patch`` arguments).
         aux_loss: ``"auto"`` (the model's auxiliary loss for ``topk`` only), ``"on"`` (also
-            for ``usmoe`` and ``expert_choice``; SSR always turns it off) or ``"off"``.
+            for ``usmoe``, ``expert_choice`` and ``top_p``; SSR always turns it off) or ``"off"``.
         dataset: ``"wordnet"`` (the built-in WordNet-Alpaca set), a Hub dataset id such as
             ``tatsu-lab/alpaca``, or a local JSON / JSONL / Parquet file in Alpaca format.
         validation_size: share (< 1) or number of examples held out for validation.
@@ -176,7 +176,8 @@ def aux_loss_enabled(config: SFTConfig, model: nn.Module) -> bool:
     ``"auto"``: only for ``topk``, the selection the loss was designed for. SSR replaces it (its
     patch sets the coefficient to 0, so even ``"on"`` adds nothing and computing it is waste);
     expert choice is balanced by construction; USMoE's budget selection is not what the loss
-    models. ``"on"`` keeps it for ``usmoe`` and ``expert_choice`` too.
+    models, nor top-p's variable number of experts. ``"on"`` keeps it for ``usmoe``,
+    ``expert_choice`` and ``top_p`` too.
     """
     from ..methods import METHODS
 
@@ -328,10 +329,26 @@ def describe_routing(record: dict[str, Any], resolved: bool = False) -> str:
 
 
 def _same_routing(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    # Resolved options: a default written out and left out are the same routing. A record
-    # without the auxiliary-loss flag (read from a checkpoint's config.json) matches either.
+    # Resolved options: a default written out and left out are the same routing, also for an
+    # option that a later hf_moe_patch added (both sides get its default). A record without the
+    # auxiliary-loss flag (read from a checkpoint's config.json) matches either.
     aux_a, aux_b = a.get("aux_loss_enabled"), b.get("aux_loss_enabled")
-    return a.get("resolved") == b.get("resolved") and (aux_a is None or aux_b is None or aux_a == aux_b)
+    same = _with_defaults(a.get("resolved")) == _with_defaults(b.get("resolved"))
+    return same and (aux_a is None or aux_b is None or aux_a == aux_b)
+
+
+def _with_defaults(resolved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``{"method": ..., **options}`` with every option of the method, defaults filled in."""
+    from ..errors import InvalidOptionError
+    from ..methods import build_method
+
+    if not isinstance(resolved, dict) or not isinstance(resolved.get("method"), str):
+        return resolved
+    options = {k: v for k, v in resolved.items() if k != "method"}
+    try:
+        return {"method": resolved["method"], **build_method(resolved["method"], options).options()}
+    except (InvalidOptionError, TypeError):
+        return resolved  # unknown to this version: compared as written
 
 
 def checkpoint_routing(checkpoint: str | Path) -> dict[str, Any] | None:
