@@ -333,8 +333,11 @@ def e2e_model(args, sharp: Sharpness, method: str | None, options: dict, experts
                         seed=args.seed, max_len=args.seq, router=sharp.weights)
     options = dict(options)
     if options.get("calibration") == "random":
+        # Four batches of other random ids: with one, the thresholds of these random routers fit
+        # the timed batch's budget to only about +-8 % (see the experts/token column).
         gen = torch.Generator().manual_seed(args.seed + 7)
-        options["calibration"] = {"input_ids": torch.randint(3, 128, (args.batch, args.seq), generator=gen)}
+        options["calibration"] = [{"input_ids": torch.randint(3, 128, (args.batch, args.seq), generator=gen)}
+                                  for _ in range(4)]
     native_top_k = options.pop("native_top_k", None)
     if native_top_k is not None:  # the unpatched router with a smaller k (read at every call)
         for layer in model.model.layers:

@@ -30,11 +30,12 @@ from typing import Any, Sequence
 
 from .errors import InvalidOptionError, UnsupportedModelError
 from .methods import METHODS, NativeRouting, build_method
+from .methods.base import ANY_NUM_EXPERTS
 from .report import RoutingCase, parse_case
 
 # Ranges that depend on the model are checked against a model "as large as can be" before the
 # config is known, and described in terms of N and k.
-_ANY_MODEL = NativeRouting(num_experts=2**62, top_k=1)
+_ANY_MODEL = NativeRouting(num_experts=ANY_NUM_EXPERTS, top_k=1)
 _SYMBOLIC = NativeRouting(num_experts="N", top_k="k")  # type: ignore[arg-type]
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 

@@ -270,7 +270,7 @@ def test_thresholds_from_an_earlier_calibration_need_no_text():
     ("usmoe", {"causal": True}, {"calibration": [{"ids": [[5]]}]}, "has no 'input_ids'"),
     ("usmoe", {"causal": True}, {"calibration": 3}, "got int"),
     ("usmoe", {"causal": True}, {"calibration": [{"input_ids": [[5]]}], "calibration_batch_size": 0}, "calibration_batch_size=0"),
-    ("expert_choice", {"causal": True, "thresholds": [[0.1] * 7, [0.1] * 8]}, {}, "a list of N numbers per MoE layer"),
+    ("expert_choice", {"causal": True, "thresholds": [[0.1] * 7, [0.1] * 8]}, {}, "a list of N = 8 numbers per MoE layer"),
 ])
 def test_invalid_causal_routings_are_refused_before_anything_changes(method, options, kwargs, message):
     model = hmp.patch(tiny_model("olmoe"), "usmoe", top_k=1.5)
@@ -301,3 +301,16 @@ def test_a_calibration_that_fails_midway_restores_the_previous_routing():
         hmp.patch(model, "usmoe", top_k=1.5, causal=True, calibration=bad)
     assert hmp.routing_config(model)["method"] == "expert_choice"
     assert torch.equal(logits(model, ids), before)
+
+
+def test_calibrated_routings_pass_the_checks_that_run_before_a_model_is_known():
+    # The CLI and evaluate_routings check options before loading a model: per-expert thresholds
+    # of any one length pass there, ragged ones do not; the model's N is checked at patch time.
+    from hf_moe_patch.report import RoutingCase
+    from hf_moe_patch.validation import parse_routings
+
+    ok = RoutingCase("ec", "expert_choice", {"causal": True, "thresholds": [[0.1] * 16] * 4})
+    assert parse_routings([ok]) == [ok]
+    ragged = RoutingCase("ec", "expert_choice", {"causal": True, "thresholds": [[0.1] * 16, [0.1] * 15]})
+    with pytest.raises(InvalidOptionError, match="a list of N numbers per MoE layer"):
+        parse_routings([ragged])

@@ -217,18 +217,14 @@ def experts_budget() -> Option:
     return Option(check, lambda n: f"None (the native k={n.top_k}) or a number in (0, {n.num_experts}] (N experts)")
 
 
-def optional_experts_count() -> Option:
-    """None or an integer number of experts in ``[1, N]``."""
-
-    def check(v: Any, native: NativeRouting) -> bool:
-        return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= native.num_experts)
-
-    return Option(check, lambda n: f"None or an integer in [1, {n.num_experts}] (N experts)")
+# The expert count of "any model", for checks that run before the model is known.
+ANY_NUM_EXPERTS = 2**62
 
 
 def threshold_list(*, per_expert: bool) -> Option:
     """None, or one threshold per MoE layer: a number (``per_expert=False``) or a list of ``N``
-    numbers (``per_expert=True``); numbers may be infinite, never NaN."""
+    numbers (``per_expert=True``); numbers may be infinite, never NaN. Before the model is known
+    (``ANY_NUM_EXPERTS``), per-expert lists need only be of one length."""
 
     def number(x: Any) -> bool:
         return _is_real(x) and x == x
@@ -239,14 +235,21 @@ def threshold_list(*, per_expert: bool) -> Option:
         if not isinstance(v, (list, tuple)) or not v:
             return False
         if per_expert:
-            return all(
-                isinstance(row, (list, tuple)) and len(row) == native.num_experts and all(number(x) for x in row)
-                for row in v
-            )
+            if not all(isinstance(row, (list, tuple)) and row and all(number(x) for x in row) for row in v):
+                return False
+            lengths = {len(row) for row in v}
+            known = isinstance(native.num_experts, int) and native.num_experts < ANY_NUM_EXPERTS
+            return len(lengths) == 1 and (not known or lengths == {native.num_experts})
         return all(number(x) for x in v)
 
-    what = "a list of N numbers per MoE layer" if per_expert else "a number per MoE layer"
-    return Option(check, lambda n: f"None or a non-empty list with {what} (N = {n.num_experts}; no NaN)")
+    def describe(n: NativeRouting) -> str:
+        if not per_expert:
+            return "None or a non-empty list with a number per MoE layer (no NaN)"
+        known = isinstance(n.num_experts, int) and n.num_experts < ANY_NUM_EXPERTS
+        size = f"N = {n.num_experts}" if known else "N"
+        return f"None or a non-empty list with a list of {size} numbers per MoE layer (N experts; no NaN)"
+
+    return Option(check, describe)
 
 
 def experts_count() -> Option:

@@ -15,8 +15,8 @@ from .base import (
     data_dependent,
     experts_budget,
     experts_count,
+    experts_per_token,
     one_of,
-    optional_experts_count,
     real_in,
     threshold_list,
 )
@@ -68,7 +68,7 @@ class USMoE(Thresholded):
         "min_experts": experts_count(),
         "causal": one_of(False, True),
         "thresholds": threshold_list(per_expert=False),
-        "max_experts": optional_experts_count(),
+        "max_experts": experts_per_token("no cap"),
         "calibration_info": Thresholded.INFO_OPTION,
     }
     uses_empty_slots = True
