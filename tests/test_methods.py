@@ -147,6 +147,17 @@ def test_usmoe_sequence_scope_native_budget_exact_layout():
     assert weights.dtype == LOGITS.dtype
 
 
+def test_usmoe_row_normalisation_of_the_official_code():
+    # renormalize="row": the selected U over the sum of the token's whole row of U (all 4 experts),
+    # as the official code does with norm_topk_prob. Budget 2 selects the cells of SEQ_K2.
+    call, _ = make_call(LOGITS, step=two_by_three())
+    _, weights, index = USMoE(renormalize="row").route(call)
+    row_sums = [sum(row) for row in U]  # e.g. row 0: .6357 + .1812 + .0879 + .0374 = .9422
+    assert_pairs(index, weights, {(t, e): U[t][e] / row_sums[t] for t, e in SEQ_K2})
+    # Token 0 has one expert: .6357 / .9422 = .6747, not 1 as with renormalize=True.
+    assert abs(float(weights[0].sum()) - 0.6356756 / 0.9422353) < 2e-6
+
+
 def test_usmoe_fractional_budget():
     # Budget 1.5: c = round(1.5 * 3) = round(4.5) = 4 per sequence.
     #   seq 0: .6357 (0,e0) .6318 (2,e3) .4659 (1,e1) .3414 (1,e2)
@@ -623,7 +634,7 @@ BAD_OPTIONS = {
         "top_k": ([0, 0.0, -1, 4.5, 5, True, "2", NAN, INF], BUDGET),
         "alpha": ([-0.1, 1.5, True, "0.5", NAN, None], "a number in [0, 1]"),
         "scope": (["global", None, 1, "Sequence"], "one of 'sequence', 'batch'"),
-        "renormalize": ([1, 0, "yes", "True"], "one of None, True, False"),
+        "renormalize": ([1, 0, "yes", "True", "Row"], "one of None, True, False, 'row'"),
         "min_experts": ([-1, 5, 1.0, True, None], "an integer in [0, 4] (N experts)"),
         "causal": ([1, 0, "yes", None], "one of False, True"),
         "thresholds": (["0.1", 0.1, [], [NAN], [True], [0.1, "x"], [[0.1]]],
@@ -697,6 +708,7 @@ GOOD_OPTIONS = {
         {"scope": "batch"},
         {"renormalize": True},
         {"renormalize": False},
+        {"renormalize": "row"},
         {"min_experts": 0},
         {"min_experts": 4},
         {"causal": True},

@@ -34,7 +34,9 @@ class USMoE(Thresholded):
             ``"batch"`` (the budget is pooled over all valid tokens of the batch).
         renormalize: renormalise each token's selected ``U`` to sum to 1; None follows the native
             router's convention (Mixtral and GPT-OSS always; OLMoE/Qwen/DeepSeek when
-            ``norm_topk_prob``).
+            ``norm_topk_prob``). ``"row"`` divides the selected ``U`` by the sum of the token's
+            whole row of ``U`` (all ``N`` experts), as the official USMoE code does when
+            ``norm_topk_prob`` is true: the reference behaviour, for comparisons with the paper.
         min_experts: every valid token gets at least this many experts (its top ones).
         causal: route each token by itself: every expert with ``U >= tau_l``, with one threshold
             per MoE layer calibrated on text so that tokens take ``top_k`` experts on average
@@ -64,7 +66,7 @@ class USMoE(Thresholded):
         "top_k": experts_budget(),
         "alpha": real_in(0.0, 1.0),
         "scope": one_of("sequence", "batch"),
-        "renormalize": one_of(None, True, False),
+        "renormalize": one_of(None, True, False, "row"),
         "min_experts": experts_count(),
         "causal": one_of(False, True),
         "thresholds": threshold_list(per_expert=False),
@@ -76,7 +78,7 @@ class USMoE(Thresholded):
     top_k: float | None = None
     alpha: float = 0.5
     scope: str = "sequence"
-    renormalize: bool | None = None
+    renormalize: bool | str | None = None
     min_experts: int = 0
     causal: bool = False
     thresholds: list[float] | None = None
@@ -147,7 +149,11 @@ def _route(method: USMoE, call: RouterCall) -> RouterOutput:
         )
         index, weights = grid.from_grid(index), grid.from_grid(weights)
     renormalize = native.renormalize if method.renormalize is None else method.renormalize
-    if renormalize:
+    if renormalize == "row":
+        # The official code's normalisation: by the whole row of U (selected or not), so a
+        # token's gates sum to well below 1.
+        weights = weights / score.sum(dim=-1, keepdim=True)
+    elif renormalize:
         # Tokens without experts have an all-zero row: the clamp keeps them at 0, not NaN.
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return logits, native.finish(weights, logits), index
