@@ -49,7 +49,7 @@ help:
 	@echo "make demo         the main job on the shipped demo model (demo_out/)"
 	@echo "make train-demo   rebuild the shipped demo model from nothing, over the shipped copy (~35 min on 2 CPU cores)"
 	@echo "make sft-compare  the README fine-tuning comparison (~6 min on 2 CPU cores)"
-	@echo "make bench        routing benchmark -> benchmarks/RESULTS.md"
+	@echo "make bench        routing benchmark -> eval/benchmarks/RESULTS.md"
 	@echo "make clean        remove the venvs and build outputs"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -104,7 +104,7 @@ sft-compare: install
 	$(PY) -m hf_moe_patch.cli sft-compare demo --max-steps 300 --logging-steps 25 --save-steps 10000 --out sft_compare
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_routing.py --out benchmarks/RESULTS.md
+	$(PY) eval/benchmarks/bench_routing.py --out eval/benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache

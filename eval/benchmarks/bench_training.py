@@ -43,7 +43,7 @@ Models, float32 on CPU, batches of real text (held-out WordNet documents packed 
 - ``demo-lora``: the demo model with peft LoRA (r=8) on the attention projections and on the
   fused expert weights (``target_parameters``), the rest (routers included) frozen.
 
-Run ``python benchmarks/bench_training.py --help``; ``--quick`` is a smoke run of every code path.
+Run ``python eval/benchmarks/bench_training.py --help``; ``--quick`` is a smoke run of every code path.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def target_rows(runs: list[dict]) -> list[tuple[str, str, float, float, bool]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Interleaved CPU benchmark of training-step time per router, as ratios to native top-k + aux loss.",
-        epilog="Example: python benchmarks/bench_training.py --out benchmarks/TRAINING.md",
+        epilog="Example: python eval/benchmarks/bench_training.py --out eval/benchmarks/TRAINING.md",
     )
     parser.add_argument("--out", type=Path, help="write the markdown report here (it is always printed too)")
     parser.add_argument("--quick", action="store_true",

@@ -38,7 +38,7 @@ Sections:
 5. ``profile``: where one layer's time goes: layer 0's router and experts calls of the native and
    USMoE models timed apart, and torch.profiler's busiest operators.
 
-Run ``python benchmarks/bench_routing.py --help`` for the options; ``--quick`` is a smoke run of
+Run ``python eval/benchmarks/bench_routing.py --help`` for the options; ``--quick`` is a smoke run of
 every code path in a few minutes.
 """
 
@@ -985,7 +985,7 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Interleaved CPU benchmark of hf_moe_patch routers, reported as ratios to the native router.",
-        epilog="Example: python benchmarks/bench_routing.py --out benchmarks/RESULTS.md",
+        epilog="Example: python eval/benchmarks/bench_routing.py --out eval/benchmarks/RESULTS.md",
     )
     parser.add_argument("--out", type=Path, help="write the markdown report here (it is always printed too)")
     parser.add_argument(

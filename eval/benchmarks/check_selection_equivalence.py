@@ -9,8 +9,8 @@ cover heavy ties (quantised scores), padding, empty sequences, fractional budget
 ``min_experts`` floor, a DeepSeek-style choice-bias key, batch-pooled scope and expert choice.
 
 Run:
-    python benchmarks/check_selection_equivalence.py --cases 3000
-    python benchmarks/check_selection_equivalence.py --cases 3000 --rev 689a42c --skip-min-experts
+    python eval/benchmarks/check_selection_equivalence.py --cases 3000
+    python eval/benchmarks/check_selection_equivalence.py --cases 3000 --rev 689a42c --skip-min-experts
 """
 
 from __future__ import annotations

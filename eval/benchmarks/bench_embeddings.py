@@ -14,7 +14,7 @@ of 32 with the PromptEOL template. Two models:
 - ``olmoe-64x8``: an OLMoE-shaped random model closer to the real expert count (hidden 256,
   64 experts, top-8, expert FFN 128, 4 layers, the demo tokenizer), float32.
 
-Run ``python benchmarks/bench_embeddings.py --help``; ``--quick`` is a smoke run.
+Run ``python eval/benchmarks/bench_embeddings.py --help``; ``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def render(info: dict, results: dict, args, elapsed: float) -> str:
         "# MoEE embedding speed by routing",
         "",
         f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s, command "
-        f"`python benchmarks/bench_embeddings.py {' '.join(sys.argv[1:])}`.",
+        f"`python eval/benchmarks/bench_embeddings.py {' '.join(sys.argv[1:])}`.",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads; torch {info['torch']}, "
         f"transformers {info['transformers']}, hf_moe_patch {info['hf_moe_patch']}.",

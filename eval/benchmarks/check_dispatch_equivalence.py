@@ -8,7 +8,7 @@ OLMoE experts module, in float32 and bfloat16. Forward outputs must be bit-ident
 and weight gradients must match to float rounding (summation order in backward may differ).
 
 Run:
-    python benchmarks/check_dispatch_equivalence.py --cases 200
+    python eval/benchmarks/check_dispatch_equivalence.py --cases 200
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def load_reference(relpath: str, path: str | None = None, rev: str = "HEAD") -> 
         >>> old = load_reference("hf_moe_patch/ops/selection.py", rev="689a42c")  # doctest: +SKIP
     """
     if path is None:
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         text = subprocess.run(["git", "show", f"{rev}:{relpath}"], cwd=root, check=True, capture_output=True, text=True).stdout
         with tempfile.NamedTemporaryFile("w", suffix="_" + Path(relpath).name, delete=False) as tmp:
             tmp.write(text)
