@@ -116,3 +116,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if getattr(item, "originalname", item.name) in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+# --- router calls with fixed logits (tests of the methods, without a model) ---------------------
+
+
+def native_forward_for(native, logits_fn, record: list):
+    """A small native router: softmax -> top-k (-> renormalise); records its inputs."""
+
+    def forward(hidden):
+        record.append(hidden)
+        z = logits_fn(hidden)
+        w, i = torch.topk(torch.softmax(z.float(), dim=-1), native.top_k, dim=-1)
+        if native.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return z, w.to(z.dtype), i
+
+    return forward
+
+
+def make_call(logits, native=None, step=None, layer=0):
+    """A ``RouterCall`` that hands the method ``logits`` (``native`` defaults to 4 experts, top-2,
+    the hand cases' router); returns it and the list of inputs its native forward saw."""
+    from hf_moe_patch.methods import NativeRouting, RouterCall, StepState
+
+    native = native if native is not None else NativeRouting(num_experts=4, top_k=2)
+    step = step if step is not None else StepState()
+    record: list = []
+
+    def logits_fn(hidden):
+        return logits
+
+    call = RouterCall(
+        hidden_states=torch.zeros(logits.shape[0], 8),
+        native=native,
+        logits_fn=logits_fn,
+        native_forward=native_forward_for(native, logits_fn, record),
+        step=step,
+        layer=layer,
+    )
+    return call, record

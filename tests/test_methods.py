@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from hf_moe_patch.errors import InvalidOptionError
-from hf_moe_patch.methods import METHODS, NativeRouting, RouterCall, StepState, build_method
+from hf_moe_patch.methods import METHODS, NativeRouting, StepState, build_method
 from hf_moe_patch.methods.expert_choice import ExpertChoice
 from hf_moe_patch.methods.ssr import SSR
 from hf_moe_patch.methods.usmoe import USMoE
+
+from conftest import make_call
 
 N, K = 4, 2
 S = N  # the sentinel index of an empty slot
@@ -49,40 +51,6 @@ U = [
 #   .2420 (4,e0) .2361 (5,e3) .2257 (3,e2) .2193 (5,e1) .2083 (4,e3)
 # Whole batch: sequence 0's top four (.6357 .6318 .4659 .3414) beat all of sequence 1, then
 #   sequence 1's cells down to .2420, then .2361 (5,e3) ... and only then .2099 (2,e1).
-
-
-def native_forward_for(native: NativeRouting, logits_fn, record: list):
-    """A small native router: softmax -> top-k (-> renormalise)."""
-
-    def forward(hidden):
-        record.append(hidden)
-        z = logits_fn(hidden)
-        w, i = torch.topk(torch.softmax(z.float(), dim=-1), native.top_k, dim=-1)
-        if native.renormalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return z, w.to(z.dtype), i
-
-    return forward
-
-
-def make_call(logits, native=None, step=None, layer=0):
-    native = native if native is not None else NativeRouting(num_experts=N, top_k=K)
-    step = step if step is not None else StepState()
-    record: list = []
-
-    def logits_fn(hidden):
-        return logits
-
-    hidden = torch.zeros(logits.shape[0], 8)
-    call = RouterCall(
-        hidden_states=hidden,
-        native=native,
-        logits_fn=logits_fn,
-        native_forward=native_forward_for(native, logits_fn, record),
-        step=step,
-        layer=layer,
-    )
-    return call, record
 
 
 def two_by_three(valid=None, training=False, coins=None, seed=None) -> StepState:

@@ -15,13 +15,13 @@ import torch
 import hf_moe_patch as hmp
 from hf_moe_patch.embeddings.evaluation import expand_cases
 from hf_moe_patch.errors import InvalidOptionError
-from hf_moe_patch.methods import NativeRouting, RouterCall, StepState
+from hf_moe_patch.methods import NativeRouting
 from hf_moe_patch.methods.top_p import TopP
 from hf_moe_patch.methods.topk import TopK
 from hf_moe_patch.ops.top_p import top_p_slots
 from hf_moe_patch.testing import tiny_model
 
-from conftest import batch, capture_routing
+from conftest import batch, capture_routing, make_call
 
 N, K = 4, 2
 S = N  # the sentinel index of an empty slot
@@ -33,25 +33,6 @@ PROBS = [
     [0.1, 0.2, 0.3, 0.4],  # e3 e2 e1 e0;  before: 0, .4, .7, .9
     [0.7, 0.1, 0.1, 0.1],  # e0 e1 e2 e3 (ties by index); before: 0, .7, .8, .9
 ]
-
-
-def make_call(logits, native=None):
-    native = native if native is not None else NativeRouting(num_experts=N, top_k=K)
-    record: list = []
-
-    def logits_fn(hidden):
-        return logits
-
-    def native_forward(hidden):
-        record.append(hidden)
-        z = logits_fn(hidden)
-        w, i = torch.topk(torch.softmax(z.float(), dim=-1), native.top_k, dim=-1)
-        if native.renormalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return z, w.to(z.dtype), i
-
-    call = RouterCall(torch.zeros(logits.shape[0], 8), native, logits_fn, native_forward, StepState(), 0)
-    return call, record
 
 
 # --- the tensor rule --------------------------------------------------------------------------
