@@ -888,19 +888,8 @@ def render(args, info: dict, sharps: dict[str, Sharpness], realistic_spread: flo
             "",
         ]
         for run in grouped:
-            st, facts = run["stats"], run["facts"]
-            lines += [
-                f"### `{run['sharpness']}`, {run['threads']} thread(s)",
-                "",
-                "| variant | ratio (p25-p75) | median ms | mean ms | notes |",
-                "|---|---|---|---|---|",
-            ]
-            for label, row in st.items():
-                ratio = fmt_ratio(row) if "ratio" in row else "1 (baseline)"
-                lines.append(f"| {label} | {ratio} | {row['ms']:.1f} | {row['mean_ms']:.1f} | {_facts(facts.get(label, {}))} |")
-            lines.append("")
+            lines += [f"### `{run['sharpness']}`, {run['threads']} thread(s)", ""] + _e2e_table(run)
     for run in (r for r in e2e_runs if r["impl"] != "grouped_mm"):
-        st, facts = run["stats"], run["facts"]
         lines += [
             f"## 4. experts_implementation = {run['impl']}",
             "",
@@ -908,13 +897,7 @@ def render(args, info: dict, sharps: dict[str, Sharpness], realistic_spread: flo
             f"{run['warmup']} warm-up round(s); ratios vs the native model with the same implementation. The patched "
             "models run hf_moe_patch's CPU loop instead of the kernel.",
             "",
-            "| variant | ratio (p25-p75) | median ms | mean ms | notes |",
-            "|---|---|---|---|---|",
-        ]
-        for label, row in st.items():
-            ratio = fmt_ratio(row) if "ratio" in row else "1 (baseline)"
-            lines.append(f"| {label} | {ratio} | {row['ms']:.1f} | {row['mean_ms']:.1f} | {_facts(facts.get(label, {}))} |")
-        lines.append("")
+        ] + _e2e_table(run)
     if profile_runs:
         lines += [
             "## 5. Where one layer's time goes",
@@ -953,6 +936,15 @@ def render(args, info: dict, sharps: dict[str, Sharpness], realistic_spread: flo
             lines.append(f"| {setting} | {desc} | {text} | {'yes' if met else 'NO'} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _e2e_table(run: dict) -> list[str]:
+    """The markdown table of one end-to-end run (sections 3 and 4), then a blank line."""
+    lines = ["| variant | ratio (p25-p75) | median ms | mean ms | notes |", "|---|---|---|---|---|"]
+    for label, row in run["stats"].items():
+        ratio = fmt_ratio(row) if "ratio" in row else "1 (baseline)"
+        lines.append(f"| {label} | {ratio} | {row['ms']:.1f} | {row['mean_ms']:.1f} | {_facts(run['facts'].get(label, {}))} |")
+    return lines + [""]
 
 
 def _load(load) -> str:
