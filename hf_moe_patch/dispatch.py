@@ -313,37 +313,37 @@ def _grouped_experts(module, hidden_states, token, gate, counts, out, w_up, w_do
             x = torch.index_select(hidden_states, 0, t, out=x_buf[:n])
         else:
             x = x_buf[:n].copy_(hidden_states.index_select(0, t))
-        h = up_buf[:n]
-        s = 0
-        for e in range(first, last):
-            c = counts[e]
-            if c:
-                if b_up is None:
-                    torch.mm(x[s:s + c], w_up_t[e], out=h[s:s + c])
-                else:
-                    torch.addmm(b_up[e], x[s:s + c], w_up_t[e], out=h[s:s + c])
-                s += c
+        h = _expert_matmuls(x, w_up_t, b_up, counts, first, last, out=up_buf[:n])
         if default_gate:
             a = module.act_fn(h[:, :half]).mul_(h[:, half:])
         else:
             a = module._apply_gate(h) if module.has_gate else module.act_fn(h)
         if scale_activation:
             a = a.mul_(g) if a.dtype == g.dtype else (a * g).to(a.dtype)
-        y = x  # the gathered states are spent: the down projections overwrite them
-        s = 0
-        for e in range(first, last):
-            c = counts[e]
-            if c:
-                if b_down is None:
-                    torch.mm(a[s:s + c], w_down_t[e], out=y[s:s + c])
-                else:
-                    torch.addmm(b_down[e], a[s:s + c], w_down_t[e], out=y[s:s + c])
-                s += c
+        # The gathered states are spent: the down projections overwrite them.
+        y = _expert_matmuls(a, w_down_t, b_down, counts, first, last, out=x)
         if not scale_activation:
             y = y * g
         out.index_add_(0, t, y.to(out.dtype))
         start += n
         first = last
+
+
+def _expert_matmuls(a: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, counts: list[int],
+                    first: int, last: int, *, out: torch.Tensor) -> torch.Tensor:
+    """For experts ``first .. last-1`` in turn, the rows of ``a`` that are theirs (``counts[e]``
+    consecutive rows each) times their weight ``weights[e]`` (``(in, out)`` views), plus their
+    bias, written into the same rows of ``out``; returns ``out``."""
+    s = 0
+    for e in range(first, last):
+        c = counts[e]
+        if c:
+            if bias is None:
+                torch.mm(a[s:s + c], weights[e], out=out[s:s + c])
+            else:
+                torch.addmm(bias[e], a[s:s + c], weights[e], out=out[s:s + c])
+            s += c
+    return out
 
 
 # The pair count is data-dependent: under torch.compile the dispatch runs eagerly between graphs.
