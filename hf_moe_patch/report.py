@@ -77,6 +77,18 @@ class RoutingCase:
     options: dict[str, Any]
 
 
+def needs_calibration(case: RoutingCase) -> bool:
+    """Whether ``case`` is a causal routing without thresholds, which needs text to calibrate on.
+
+    Example:
+        >>> needs_calibration(parse_case("usmoe:causal=true")), needs_calibration(parse_case("usmoe"))
+        (True, False)
+    """
+    from .methods import build_method
+
+    return build_method(case.method, case.options).needs_calibration()
+
+
 def calibrate_cases(model: nn.Module, cases: Iterable[RoutingCase], calibration: Any = None, tokenizer: Any = None,
                     **calibration_kwargs: Any) -> list[RoutingCase]:
     """Fit the thresholds of every causal case that has none (``causal=True`` without
@@ -88,12 +100,11 @@ def calibrate_cases(model: nn.Module, cases: Iterable[RoutingCase], calibration:
         >>> len(cases[0].options["thresholds"]) == model.config.num_hidden_layers  # doctest: +SKIP
         True
     """
-    from .methods import build_method
     from .patching import routing_config
 
     out = []
     for case in cases:
-        if not build_method(case.method, case.options).needs_calibration():
+        if not needs_calibration(case):
             out.append(case)
             continue
         progress_logger.info("calibrating %s", case.label)

@@ -185,6 +185,18 @@ def check_out(path: str | os.PathLike | None, flag: str) -> None:
         check_writable_dir(path, flag=flag)
 
 
+def text_lines(path: str | os.PathLike, flag: str) -> list[str]:
+    """The non-empty lines of the UTF-8 text file ``path`` given with ``flag``; fails when it is
+    missing or holds no text."""
+    file = Path(path)
+    if not file.is_file():
+        fail(f"{flag} {path}: no such file")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        fail(f"{flag} {path} holds no text")
+    return lines
+
+
 def locate(name: str, revision: str | None = None) -> tuple[str, dict[str, Any], Any]:
     """``(path, from_pretrained extras, config)`` of a model name (``demo``, a folder, a Hub id),
     its config loaded without the weights; unsupported families fail here."""

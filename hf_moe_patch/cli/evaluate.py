@@ -8,7 +8,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_STATUS, check_cases_for_config, check_out, fail, locate, quiet_bars, split_methods, words
+from .common import (
+    EXIT_STATUS,
+    check_cases_for_config,
+    check_out,
+    fail,
+    locate,
+    quiet_bars,
+    split_methods,
+    text_lines,
+    words,
+)
 
 # The main job: native and fractional USMoE budgets (multiples of the native k), expert choice,
 # and SSR's balanced plan at inference. SSR's plan is per sequence here so that an embedding never
@@ -136,26 +146,21 @@ def check_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     check_out(args.cache_dir, "--cache-dir")
     if args.calibration_texts < 1:
         fail(f"--calibration-texts={args.calibration_texts} is not valid; an integer >= 1")
-    if args.calibration_file is not None:
-        path = Path(args.calibration_file)
-        if not path.is_file():
-            fail(f"--calibration-file {args.calibration_file}: no such file")
-        if not any(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()):
-            fail(f"--calibration-file {args.calibration_file} holds no text")
-    return {"specs": specs, "budgets": budgets, "tasks": tasks, "corruption": corruption, "sizes": sizes}
+    calibration = None if args.calibration_file is None else text_lines(args.calibration_file, "--calibration-file")
+    return {"specs": specs, "budgets": budgets, "tasks": tasks, "corruption": corruption, "sizes": sizes,
+            "calibration": calibration}
 
 
-def calibration_texts(args: argparse.Namespace, cases) -> list[str] | None:
+def calibration_texts(args: argparse.Namespace, checked: dict[str, Any], cases) -> list[str] | None:
     """The text causal routings are calibrated on, or None when no case needs any."""
     import random
 
-    from ..methods import build_method
+    from ..report import needs_calibration
 
-    if not any(build_method(c.method, c.options).needs_calibration() for c in cases):
+    if not any(needs_calibration(c) for c in cases):
         return None
-    if args.calibration_file is not None:
-        lines = Path(args.calibration_file).read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip()]
+    if checked["calibration"] is not None:
+        return checked["calibration"]
     from ..data.wordnet import load_wordnet
     from ..training.demo_model import corpus
 
@@ -164,11 +169,11 @@ def calibration_texts(args: argparse.Namespace, cases) -> list[str] | None:
     return docs[: args.calibration_texts]
 
 
-def calibrated(args: argparse.Namespace, cases, model, tokenizer):
+def calibrated(args: argparse.Namespace, checked: dict[str, Any], cases, model, tokenizer):
     """``cases`` with the thresholds of their causal routings fitted (see calibrate_cases)."""
     from ..report import calibrate_cases
 
-    return calibrate_cases(model, cases, calibration_texts(args, cases), tokenizer)
+    return calibrate_cases(model, cases, calibration_texts(args, checked, cases), tokenizer)
 
 
 def evaluate(args: argparse.Namespace, checked: dict[str, Any], model, tokenizer, title: str, cases):
@@ -206,7 +211,7 @@ def run_mteb(args: argparse.Namespace) -> int:
     title = f"MTEB ({args.embedding}, prompt {args.prompt}) of {args.model} under each routing"
     if args.corrupt:
         title += f", texts corrupted with {args.corrupt}"
-    evaluate(args, checked, model, tokenizer, title, calibrated(args, cases, model, tokenizer))
+    evaluate(args, checked, model, tokenizer, title, calibrated(args, checked, cases, model, tokenizer))
     return 0
 
 
@@ -241,7 +246,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load("demo", None, "float32", None)
     title = (f"MTEB ({args.embedding}, prompt {args.prompt}) of the shipped WordNet demo model "
              f"(OLMoE architecture, {model.config.num_experts} experts, top-{model.config.num_experts_per_tok}) under each routing")
-    cases = calibrated(args, cases, model, tokenizer)
+    cases = calibrated(args, checked, cases, model, tokenizer)
     evaluate(args, checked, model, tokenizer, title, cases)
     # Routing statistics on held-out WordNet text (no padding: one packed block per row).
     texts = corpus(load_wordnet(args.wordnet), "heldout")[: args.stats_texts]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import EXIT_STATUS, check_cases_for_config, check_out, fail, locate, quiet_bars, split_methods
+from .common import EXIT_STATUS, check_cases_for_config, check_out, fail, locate, quiet_bars, split_methods, text_lines
 
 DEFAULT_CASES = [
     "topk",
@@ -72,18 +72,14 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out, "--out")
     path, extra, config = locate(args.model, args.revision)
     cases = check_cases_for_config(specs, config)
-    from ..methods import build_method
+    from ..report import needs_calibration
 
     calibration = None
-    if any(build_method(c.method, c.options).needs_calibration() for c in cases):
+    if any(needs_calibration(c) for c in cases):
         if args.calibration_file is None:
             fail("a causal routing without thresholds needs text to calibrate on: pass --calibration-file PATH "
                  "(one text per line; better not the texts measured here)")
-        if not Path(args.calibration_file).is_file():
-            fail(f"--calibration-file {args.calibration_file}: no such file")
-        calibration = [t for t in Path(args.calibration_file).read_text(encoding="utf-8").splitlines() if t.strip()]
-        if not calibration:
-            fail(f"--calibration-file {args.calibration_file} holds no text")
+        calibration = text_lines(args.calibration_file, "--calibration-file")
     quiet_bars()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision, **extra)
     if tokenizer.pad_token is None:

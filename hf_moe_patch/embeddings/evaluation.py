@@ -37,9 +37,8 @@ from torch import nn
 
 from ..data.corruption import Corruption
 from ..io import atomic_path, atomic_write_text, read_json_or_none
-from ..methods import build_method
 from ..patching import check_routing, patched, routing_config
-from ..report import RoutingCase, calibrate_cases, escape_cell, format_duration, legend_columns, progress_logger, save_figure, slug
+from ..report import RoutingCase, calibrate_cases, escape_cell, needs_calibration, format_duration, legend_columns, progress_logger, save_figure, slug
 from ..validation import parse_routings, resolve_budget
 from ..stats import collect_stats
 from ..version import __version__
@@ -542,9 +541,8 @@ def evaluate_routings(
     native_k = int(getattr(model.config, "num_experts_per_tok"))
     routing_cases = expand_cases(cases, native_k, top_k)
     for case in routing_cases:  # a bad option fails here, before hours of evaluation
-        needs_text = build_method(case.method, case.options).needs_calibration()
         check_routing(model, case.method, **case.options,
-                      **({"calibration": calibration, "tokenizer": tokenizer} if needs_text else {}))
+                      **({"calibration": calibration, "tokenizer": tokenizer} if needs_calibration(case) else {}))
     check_tasks(tasks)
     check_writable_dir(cache_dir, flag="cache_dir")
     if out_dir is not None:
