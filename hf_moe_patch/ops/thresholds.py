@@ -143,12 +143,11 @@ def threshold_slots(
         index = key.new_full((T, k_max + 1), N, dtype=torch.long).scatter_(1, slot, experts)[:, :k_max]
         real = index < N
         return index, gates.gather(1, index.clamp_max(N - 1)) * real
-    else:
-        # A floor and a cap act on the token's own ranking (with one threshold the selection is
-        # a prefix of it): take the top clamp(count, min, max) cells of each row.
-        counts = counts.clamp(min=min_experts, max=N if max_experts is None else max_experts)
-        k_max = max(int(counts.max()) if T else 0, 1)
-        index = torch.topk(ranked, k_max, dim=-1).indices
+    # A floor and a cap act on the token's own ranking (with one threshold the selection is a
+    # prefix of it): take the top clamp(count, min, max) cells of each row.
+    counts = counts.clamp(min=min_experts, max=N if max_experts is None else max_experts)
+    k_max = max(int(counts.max()) if T else 0, 1)
+    index = torch.topk(ranked, k_max, dim=-1).indices
     real = torch.arange(k_max, device=key.device) < counts.unsqueeze(-1)
     weights = gates.gather(1, index) * real
     return torch.where(real, index, N), weights
