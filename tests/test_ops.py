@@ -748,6 +748,15 @@ def test_budget_slots_equals_the_general_way_on_hard_cases(seed, monkeypatch):
                     want = _slots_by_definition(key, gates, v, budget, min_experts)
                     assert torch.equal(got[0], want[0]), (quantised, budget, min_experts, v is None)
                     assert torch.equal(got[1], want[1])
+                    if min_experts == 0 and not bool(key.isnan().any()):
+                        # ... and the selection is the definition's: the first c cells of each
+                        # sequence's stable descending sort (padding last), c = sequence_budgets.
+                        valid_or_all = torch.ones(B, L, dtype=torch.bool) if v is None else v
+                        ranked = key.masked_fill(~valid_or_all.unsqueeze(-1), float("-inf")).reshape(B, L * N)
+                        c = sequence_budgets(valid_or_all.sum(dim=1), budget, N)
+                        expected = _stable_prefix_mask(ranked, c).view(B, L, N)
+                        chosen = torch.zeros(B, L, N + 1, dtype=torch.bool).scatter_(-1, got[0], True)[..., :N]
+                        assert torch.equal(chosen, expected), (quantised, budget, v is None)
     calls = []
     real = sel._budget_slots_by_threshold
     monkeypatch.setattr(sel, "_budget_slots_by_threshold", lambda *a: calls.append(real(*a)) or calls[-1])

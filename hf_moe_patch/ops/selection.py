@@ -150,7 +150,14 @@ def top_count_mask(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     at_least = values >= threshold
     if bool((at_least.sum(dim=-1) == count).all()):
         return at_least  # the usual case: no row has more entries equal to its threshold than it takes
-    above = values > threshold
+    return _break_ties(values, count, threshold, at_least)
+
+
+def _break_ties(values: torch.Tensor, count: torch.Tensor, threshold: torch.Tensor, at_least: torch.Tensor) -> torch.Tensor:
+    """The ``count`` entries of each row at or above its ``threshold`` (``at_least``, which may
+    exclude entries such as padding): every entry above it, then entries equal to it in position
+    order until the row has ``count``."""
+    above = at_least & (values > threshold)
     tie = at_least & ~above
     room = count.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
     take_tie = tie & (tie.cumsum(dim=-1) <= room)
@@ -202,12 +209,12 @@ def budget_slots(
     ``key`` and ``gates`` are ``(B, L, N)``; returns ``(B, L, k_max)`` index (sentinel ``N``) and
     weight tensors, slots ordered by ``key``.
 
-    The usual case takes a shorter way. Each sequence's budget ``c`` has one threshold (its
-    ``c``-th largest cell, :func:`count_thresholds`), and a token's selected cells are exactly
-    its cells at or above it: a prefix of the token's own ranking. So the mask is one comparison
-    and the slots one ``topk`` of ``k_max`` per token, with no tie-breaking pass. This holds when
-    exactly ``c`` valid cells reach the threshold (no tie across it) and no NaN is among them;
-    otherwise (and with ``min_experts``) the general way runs, with the same result.
+    It takes a shorter way. Each sequence's budget ``c`` has one threshold (its ``c``-th largest
+    cell, :func:`count_thresholds`), and a token's selected cells are its cells at or above it
+    (a tie across the threshold is broken by position, as :func:`budget_select` does): a prefix
+    of the token's own ranking. So the mask is one comparison and the slots one ``topk`` of
+    ``k_max`` per token over the masked rows. With NaN among a sequence's top cells, or with
+    ``min_experts``, the general way runs, with the same result.
 
     Example:
         >>> key = torch.tensor([[[0.9, 0.1], [0.5, 0.4]]])   # 1 sequence, 2 tokens, 2 experts
@@ -244,19 +251,23 @@ def _budget_slots_by_threshold(
     threshold = count_thresholds(ranked.reshape(B, L * N), c)
     if threshold is None:
         return None
-    # A NaN among a sequence's top cells makes its threshold NaN, so no cell reaches it and the
-    # count test below sends the call the general way (which takes every NaN cell).
-    at_least = ranked >= threshold.view(B, 1, 1)
+    if bool(threshold.isnan().any()):
+        return None  # a NaN among a sequence's top cells: the general way takes every NaN cell
+    selected = ranked >= threshold.view(B, 1, 1)
     if not all_valid:
-        at_least &= valid.unsqueeze(-1)
-    counts = at_least.sum(dim=-1)  # (B, L): experts per token
-    totals = counts.sum(dim=-1)
-    if not bool((totals == c).all()):
-        return None  # a tie across some threshold: the general way breaks it by position
+        selected &= valid.unsqueeze(-1)
+    counts = selected.sum(dim=-1)  # (B, L): experts per token
+    count = torch.full((B,), c, device=key.device) if isinstance(c, int) else c
+    if not bool((counts.sum(dim=-1) == count).all()):
+        # A tie across some threshold: break it by position, as budget_select does, with the
+        # threshold already found.
+        flat = _break_ties(ranked.reshape(B, L * N), count, threshold, selected.reshape(B, L * N))
+        selected = flat.view(B, L, N)
+        counts = selected.sum(dim=-1)
     k_max = max(int(counts.max()), 1)
     # topk over the masked rows: as selection_to_slots ranks them, and on CPU about twice as fast
     # as over the full rows (most entries are -inf).
-    masked = torch.where(at_least, ranked, float("-inf"))
+    masked = torch.where(selected, ranked, float("-inf"))
     index = torch.topk(masked.view(B * L, N), k_max, dim=-1).indices
     real = torch.arange(k_max, device=key.device) < counts.view(B * L, 1)
     weights = gates.reshape(B * L, N).gather(1, index) * real
