@@ -106,6 +106,17 @@ def test_mteb_end_to_end_on_a_saved_model(tiny_demo, tmp_path):
     assert len(lines) == 4 and "\r" not in out.stderr, out.stderr  # no bars, no warnings
 
 
+def test_mteb_reference_flag_runs_the_official_pipeline(tiny_demo, tmp_path):
+    path, _ = tiny_demo
+    out = run("mteb", str(path), "--methods", "topk", "--reference", "--tasks", "WordNetLexnameClustering",
+              "--wordnet", str(WORDNET_FIXTURE), "--wordnet-sizes", SMALL_SIZES,
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "out" / "mteb_comparison.json").read_text())
+    assert data["settings"]["reference"] is True
+    assert "moee_sum-reference" in data["runs"][0]["model_name"]
+
+
 def test_mteb_calibrates_causal_routings_on_wordnet_train_text(tiny_demo, tmp_path):
     """A causal routing without thresholds is calibrated once (on WordNet train-split documents),
     before the evaluation; its thresholds are recorded with the run."""

@@ -379,3 +379,24 @@ def test_an_unwritable_output_folder_fails_before_any_evaluation(loaded, tmp_pat
     with pytest.raises(ValueError, match="unknown task 'WordNetWuPalmer'"):
         run(loaded, tmp_path, ["topk"], tasks=["WordNetWuPalmer"])
     assert not (tmp_path / "cache").exists()
+
+
+def test_reference_runs_score_what_mteb_gives_the_reference_encoder(loaded, tmp_path):
+    """reference=True: the encoder of the official pipeline, and for classification the tasks that
+    average the HS and RW predictions; the scores differ from the per-text design's."""
+    import mteb
+
+    from hf_moe_patch.data.wordnet_tasks import wordnet_tasks
+    from hf_moe_patch.embeddings.reference import reference_tasks
+
+    model, tokenizer = loaded
+    tasks = ["WordNetWuPalmerSTS", "WordNetLexnameClassification"]
+    report = run(loaded, tmp_path, ["topk"], tasks=tasks, reference=True, batch_size=8)
+    ours = run(loaded, tmp_path, ["topk"], tasks=tasks, batch_size=8)
+    assert report.settings["reference"] is True and report.runs[0].model_name != ours.runs[0].model_name
+    encoder = MoEEncoder(model, tokenizer, reference=True, batch_size=8, progress=False)
+    objects = reference_tasks(wordnet_tasks(tasks, **WN), hidden_size=encoder.hidden_size, sum_weight=1.0)
+    result = mteb.evaluate(encoder, objects, cache=None, show_progress_bar=False)
+    for task_result in result.task_results:
+        assert report.runs[0].scores[task_result.task_name] == pytest.approx(task_result.get_score(), abs=1e-6)
+    assert report.runs[0].scores != pytest.approx(ours.runs[0].scores, abs=1e-4)

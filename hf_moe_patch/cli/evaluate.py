@@ -70,6 +70,12 @@ def add_eval_options(p: argparse.ArgumentParser, methods: list[str]) -> None:
                    help="prompteol wraps each text as: This sentence : \"TEXT\" means in one word:\" (default: %(default)s)")
     p.add_argument("--instruction", help="a task instruction put before every text, or 'task' for mteb's own (default: none)")
     p.add_argument("--sum-weight", type=float, default=1.0, help="w in cos(hs) + w cos(rw) for moee_sum (default: %(default)s)")
+    p.add_argument("--reference", action="store_true",
+                   help="the official MoEE pipeline (tianyi-lab/MoE-Embedding) instead of our per-text one: cleaned "
+                        "text, GritLM instructions inside the quotes (--instruction defaults to 'task'; '' for none), "
+                        "HS and RW z-scored over each batch of --batch-size texts in input order (the official runs "
+                        "used 128), no position_ids; with moee_sum, classification and clustering average the "
+                        "predictions of separate HS and RW runs")
     p.add_argument("--corrupt", metavar="KIND:RATE[:SEED]",
                    help="corrupt every task text, KIND junk or char, e.g. junk:0.1 (default: clean text)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
@@ -182,7 +188,7 @@ def evaluate(args: argparse.Namespace, checked: dict[str, Any], model, tokenizer
     quiet_bars(datasets=True)
     report = evaluate_routings(
         model, tokenizer, cases, checked["tasks"], embedding=args.embedding, prompt=args.prompt,
-        instruction=args.instruction, sum_weight=args.sum_weight, batch_size=args.batch_size,
+        instruction=args.instruction, sum_weight=args.sum_weight, reference=args.reference, batch_size=args.batch_size,
         max_length=args.max_length, corruption=checked["corruption"], cache_dir=args.cache_dir,
         out_dir=args.out, overwrite=args.overwrite, title=title,
         wordnet_kwargs={"path": args.wordnet, "split": args.wordnet_split, "sizes": checked["sizes"]},

@@ -497,6 +497,7 @@ def evaluate_routings(
     title: str | None = None,
     wordnet_kwargs: dict[str, Any] | None = None,
     calibration: Any = None,
+    reference: bool = False,
 ) -> ComparisonReport:
     """Evaluate ``model`` on ``tasks`` under each routing of ``cases`` and compare.
 
@@ -516,6 +517,9 @@ def evaluate_routings(
             all measured again (``cached=False``) and replace the cache entries. Without it, an
             unreadable cache entry (e.g. truncated by a crash) counts as missing: a warning is
             logged and the run is recomputed.
+        reference: the official MoEE pipeline (``MoEEncoder(reference=True)``, :mod:`.reference`);
+            with ``moee_sum``, classification and clustering average the predictions of separate
+            HS and RW runs (:func:`~hf_moe_patch.embeddings.reference.reference_tasks`).
         calibration: text for the causal routings without thresholds (``causal=True``): a list of
             strings (tokenized with ``tokenizer``) or tokenized batches, as ``patch`` takes it;
             each such routing is calibrated once, before any evaluation.
@@ -535,6 +539,7 @@ def evaluate_routings(
     import mteb
 
     from .moee import MoEEncoder
+    from .reference import reference_tasks
     from ..data.wordnet_tasks import remove_stale_results
     from ..validation import check_writable_dir
 
@@ -551,7 +556,7 @@ def evaluate_routings(
     task_objects = load_tasks(tasks, **(wordnet_kwargs or {}))
     routing_cases = calibrate_cases(model, routing_cases, calibration, tokenizer)
     # batch_size matters to batch-scoped routings, dtype to every embedding.
-    settings = {"embedding": embedding, "prompt": prompt, "instruction": instruction, "sum_weight": sum_weight,
+    settings = {"embedding": embedding, "prompt": prompt, "instruction": instruction, "sum_weight": sum_weight, "reference": reference,
                 "max_length": max_length, "batch_size": batch_size, "dtype": str(next(model.parameters()).dtype),
                 "corruption": asdict(corruption) if corruption else None}
     task_types = {t.metadata.name: t.metadata.type for t in task_objects}
@@ -568,7 +573,7 @@ def evaluate_routings(
             # One level of progress bars at most: mteb's over the tasks; none inside the encoder.
             encoder = MoEEncoder(model, tokenizer, embedding=embedding, prompt=prompt, instruction=instruction,
                                  sum_weight=sum_weight, batch_size=batch_size, max_length=max_length,
-                                 progress=False, revision=revision, text_transform=corruption)
+                                 progress=False, revision=revision, text_transform=corruption, reference=reference)
             timer = _EncodeTimer(encoder.encode)
             encoder.encode = timer  # type: ignore[method-assign]
             name = encoder.mteb_model_meta.name  # carries the routing tag; the revision the rest
@@ -603,7 +608,10 @@ def evaluate_routings(
                 # mteb's classifiers on a weak embedding predict some labels never: sklearn warns
                 # once per evaluation that their precision is 0. The scores say it already.
                 _ignore_undefined_metric_warnings()
-                result = mteb.evaluate(encoder, task_objects, cache=cache,
+                # The reference MoEE(sum) of classification and clustering is two runs' predictions.
+                evaluated = (reference_tasks(task_objects, hidden_size=encoder.hidden_size, sum_weight=sum_weight)
+                             if reference and embedding == "moee_sum" else task_objects)
+                result = mteb.evaluate(encoder, evaluated, cache=cache,
                                        overwrite_strategy="only-missing" if all_cached else "always",
                                        show_progress_bar=bars)
             seconds = time.perf_counter() - start

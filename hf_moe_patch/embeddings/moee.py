@@ -31,8 +31,13 @@ Prompts (``prompt=``): ``"none"`` wraps the sentence in double quotes, ``"prompt
 ``This sentence : "<text>" means in one word:"``. An E5-style instruction
 (``Instruct: <instruction>\\nQuery: ``) can be put in front (``instruction=``, or ``"task"`` for
 mteb's instruction of the task being evaluated). ``clean_text=True`` applies the reference code's
-sentence clean-up (double quotes become single quotes, a final ``.`` is added when the sentence
-does not end in punctuation, an empty sentence becomes ``.``).
+sentence clean-up (a final ``.`` is added when the sentence does not end in punctuation, double
+quotes become single quotes, an empty sentence stays empty).
+
+Reference mode (``reference=True``, :mod:`.reference`): the official pipeline exactly, for
+comparing with the paper: GritLM instructions inside the quotes, HS and RW z-scored per feature
+over each batch, batches in input order, no ``position_ids``, and for classification and
+clustering MoEE(sum) as the average of the predictions of separate HS and RW runs.
 
 Independence from batch-mates: texts are tokenised one by one, padded on the *left*, and run with
 the attention mask and ``position_ids = cumsum(mask) - 1`` (transformers does not derive
@@ -62,6 +67,8 @@ import json
 import logging
 import math
 import os
+import threading
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +88,7 @@ from ..errors import InvalidOptionError
 from ..families import family_of
 from ..methods import METHODS
 from ..patching import find_base_model, find_record, find_sites
+from .reference import ENSEMBLE_TASK_TYPES, gritlm_instruction, reference_prompt
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.modules import InputModule as _STInputModule
@@ -128,17 +136,21 @@ def _check_choice(option: str, value: Any, valid: Iterable[str]) -> str:
 def clean_sentence(text: str) -> str:
     """The reference MoEE / PromptEOL clean-up of a sentence before it is put in a template.
 
-    Double quotes become single quotes (they would close the template's quotes), a ``.`` is added
-    when the sentence does not end in ``.?!"'``, and an empty sentence becomes ``.``.
+    A ``.`` is added when the sentence does not end in ``.?!"'`` (checked before the next step),
+    then double quotes become single quotes (they would close the template's quotes). An empty
+    sentence stays empty, as in the official code. (The full official text pipeline, with its
+    instruction inside the quotes and ``_`` replaced, is ``reference=True``; see
+    :func:`.reference.reference_prompt`.)
 
     Example:
         >>> clean_sentence('He said "hi" twice')
         "He said 'hi' twice."
+        >>> clean_sentence('He said "hi"')
+        "He said 'hi'"
         >>> clean_sentence("")
-        '.'
+        ''
     """
-    text = text if text else "."
-    if text[-1] not in ".?!\"'":
+    if text and text[-1] not in ".?!\"'":
         text += "."
     return text.replace('"', "'")
 
@@ -291,6 +303,13 @@ class MoEEncoder(AbsEncoder):
             reference's per-feature standardisation over each batch; embeddings then depend on
             batch-mates and on ``batch_size``).
         clean_text: apply :func:`clean_sentence` (the reference's clean-up) before the template.
+        reference: reproduce the official MoEE pipeline exactly (:mod:`.reference`): cleaned
+            text with the GritLM instruction inside the quotes (``instruction`` defaults to
+            ``"task"``; ``""`` for none), batches in input order without truncation or
+            ``position_ids``, HS and RW z-scored per feature over each batch. ``standardize``
+            and ``clean_text`` are then fixed (``"batch"``, True). Embeddings depend on
+            batch-mates and ``batch_size`` (the official runs used 128). For classification
+            and clustering, ``moee_sum`` needs the tasks of :func:`.reference.reference_tasks`.
         text_transform: applied to every raw text first, e.g. a seeded
             :class:`~hf_moe_patch.data.corruption.Corruption` for robustness runs.
         batch_size: texts per forward pass (texts are sorted by token length first).
@@ -316,8 +335,9 @@ class MoEEncoder(AbsEncoder):
         prompt: str = "prompteol",
         instruction: str | None = None,
         sum_weight: float = 1.0,
-        standardize: str = "text",
-        clean_text: bool = False,
+        standardize: str | None = None,
+        clean_text: bool | None = None,
+        reference: bool = False,
         text_transform: Callable[[str], str] | None = None,
         batch_size: int = 32,
         max_length: int = 512,
@@ -327,7 +347,16 @@ class MoEEncoder(AbsEncoder):
     ) -> None:
         self.embedding = _check_choice("embedding", embedding, EMBEDDINGS)
         self.prompt = _check_choice("prompt", prompt, PROMPTS)
-        self.standardize = _check_choice("standardize", standardize, STANDARDIZE)
+        if not isinstance(reference, bool):
+            raise InvalidOptionError(f"Invalid reference={reference!r}; expected True or False.")
+        if reference and standardize not in (None, "batch"):
+            raise InvalidOptionError(f"Invalid standardize={standardize!r} with reference=True: the reference "
+                                     f"standardises over each batch ('batch'); leave it unset.")
+        if reference and clean_text is False:
+            raise InvalidOptionError("Invalid clean_text=False with reference=True: the reference always cleans "
+                                     "sentences; leave it unset.")
+        default_standardize = "batch" if reference else "text"
+        self.standardize = _check_choice("standardize", standardize or default_standardize, STANDARDIZE)
         if instruction is not None and not isinstance(instruction, str):
             raise InvalidOptionError(f"Invalid instruction={instruction!r}; expected None, a string or {TASK_INSTRUCTION!r}.")
         try:
@@ -343,9 +372,11 @@ class MoEEncoder(AbsEncoder):
         self.model = model
         self.tokenizer = tokenizer
         self.family = family_of(model)
-        self.instruction = instruction or None
+        self.reference = reference
+        # The reference's instructions are on by default (its --no_instruction turns them off).
+        self.instruction = (TASK_INSTRUCTION if instruction is None else instruction or None) if reference else instruction or None
         self.sum_weight = weight
-        self.clean_text = bool(clean_text)
+        self.clean_text = True if reference else bool(clean_text)
         self.text_transform = text_transform
         self.batch_size = batch_size
         self.max_length = max_length
@@ -354,6 +385,7 @@ class MoEEncoder(AbsEncoder):
         self.revision = revision
         self._meta_override: ModelMeta | None = None
         self._tail: int | None = None
+        self._parts = threading.local()  # set while a reference ensemble task encodes
         model.eval()
 
     # --- construction -------------------------------------------------------------------
@@ -454,6 +486,8 @@ class MoEEncoder(AbsEncoder):
             kwargs["instruction"] = "custom-" + hashlib.sha256(self.instruction.encode()).hexdigest()[:8]
         if self.clean_text:
             kwargs["clean_text"] = True
+        if self.reference:
+            kwargs["reference"] = True
         if self.text_transform is not None:
             kwargs["text_transform"] = getattr(self.text_transform, "tag", None) or repr(self.text_transform)
         return kwargs
@@ -466,7 +500,8 @@ class MoEEncoder(AbsEncoder):
         """
         # model_copy(update=...) skips pydantic validation: values are given in their final types.
         base = self._base_name()
-        name = f"hf_moe_patch/{base}__{self.embedding}__{routing_tag(self.model)}"
+        mode = f"{self.embedding}-reference" if self.reference else self.embedding
+        name = f"hf_moe_patch/{base}__{mode}__{routing_tag(self.model)}"
         revision = self.revision or getattr(self.model.config, "_commit_hash", None) or getattr(self.model.config, "revision", None)
         source = self.model_name or getattr(self.model.config, "_name_or_path", "") or None
         return ModelMeta.create_empty(
@@ -499,9 +534,13 @@ class MoEEncoder(AbsEncoder):
     # --- text to tokens -----------------------------------------------------------------
 
     def format_text(self, text: str, instruction: str | None = None) -> str:
-        """The exact string fed to the tokenizer for ``text`` (see :func:`format_prompt`)."""
+        """The exact string fed to the tokenizer for ``text`` (see :func:`format_prompt`; with
+        ``reference=True`` :func:`.reference.reference_prompt`, where ``instruction=""`` is the
+        GritLM prefix of an empty instruction and None no prefix at all)."""
         if self.text_transform is not None:
             text = self.text_transform(text)
+        if self.reference:
+            return reference_prompt(text, PROMPTS[self.prompt], "" if instruction is None else gritlm_instruction(instruction))
         return format_prompt(text, self.prompt, instruction, clean=self.clean_text)
 
     def _tail_length(self) -> int:
@@ -526,6 +565,8 @@ class MoEEncoder(AbsEncoder):
         """Token ids of each formatted text, truncated to ``max_length`` (beginning + template ending)."""
         formatted = [self.format_text(t, instruction) for t in texts]
         ids = self.tokenizer(formatted, add_special_tokens=True)["input_ids"]
+        if self.reference:  # the reference tokenises its prompts without truncation
+            return [list(seq) for seq in ids]
         tail = min(self._tail_length(), self.max_length - 1)
         out, cut = [], 0
         for seq in ids:
@@ -570,8 +611,9 @@ class MoEEncoder(AbsEncoder):
         """``(hs, rw)`` (float32, CPU) of the last token of each left-padded row.
 
         Runs the decoder stack (no LM head) under ``torch.inference_mode`` with the mask and
-        ``position_ids = cumsum(mask) - 1``; router logits are recorded by forward hooks that
-        are removed before returning.
+        ``position_ids = cumsum(mask) - 1`` (with ``reference=True`` none, as the reference:
+        the model then numbers every row's columns 0..L-1, padding included); router logits are
+        recorded by forward hooks that are removed before returning.
         """
         if attention_mask.shape != input_ids.shape or not bool(attention_mask[:, -1].all()):
             raise ValueError("inputs must be left-padded: the last column must hold a real token of every row")
@@ -582,7 +624,7 @@ class MoEEncoder(AbsEncoder):
             raise ValueError(f"no MoE router found in {type(model).__name__}")
         device = self._device()
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = None if self.reference else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         batch, width = input_ids.shape
         captured: list[list[torch.Tensor]] = [[] for _ in sites]
 
@@ -614,17 +656,40 @@ class MoEEncoder(AbsEncoder):
         """The embedding of the chosen mode from the parts (rows are texts).
 
         Per-text for every mode, except ``moee_concat`` with ``standardize="batch"``, which
-        standardises over the rows given together.
+        standardises over the rows given together, and every mode but ``hs`` with
+        ``reference=True``, which z-scores HS and RW over the rows first (the rows are one
+        encode batch). There ``moee_sum`` is ``[z(hs) / |z(hs)| ; sqrt(w) z(rw) / |z(rw)|]``,
+        or, inside :meth:`emitting_parts`, the raw ``[z(hs) ; z(rw)]`` the ensemble tasks split.
         """
         hs, rw = torch.as_tensor(hs).float(), torch.as_tensor(rw).float()
         if self.embedding == "hs":
             return hs
+        if self.reference:
+            # The reference standardises whenever the embedding is not HS alone; a NaN left by a
+            # non-finite part becomes 0 there too.
+            hs, rw = standardize_per_batch(hs), standardize_per_batch(rw)
+            if self.embedding == "moee_concat" or (self.embedding == "moee_sum" and self._emitting_parts()):
+                return torch.cat([hs, rw], dim=-1)
         if self.embedding == "rw":
             return rw
         if self.embedding == "moee_concat":
             z = standardize_per_batch if self.standardize == "batch" else standardize_per_text
             return torch.cat([z(hs), z(rw)], dim=-1)
         return torch.cat([F.normalize(hs, dim=-1), math.sqrt(self.sum_weight) * F.normalize(rw, dim=-1)], dim=-1)
+
+    @contextmanager
+    def emitting_parts(self) -> Iterator[None]:
+        """Inside it (this thread), a reference ``moee_sum`` encoder returns ``[z(hs) ; z(rw)]``:
+        the form the tasks of :func:`.reference.reference_tasks` split and predict from twice."""
+        previous = getattr(self._parts, "on", False)
+        self._parts.on = True
+        try:
+            yield
+        finally:
+            self._parts.on = previous
+
+    def _emitting_parts(self) -> bool:
+        return bool(getattr(self._parts, "on", False))
 
     def _batches(
         self, texts: Sequence[str], instruction: str | None, batch_size: int | None, progress: bool | None
@@ -638,7 +703,9 @@ class MoEEncoder(AbsEncoder):
         if not texts:
             return
         ids = self.tokenize(texts, instruction)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        # Longest first keeps padding low; the reference batches in input order, and its batch
+        # statistics depend on which texts share a batch.
+        order = list(range(len(ids))) if self.reference else sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         size = batch_size or self.batch_size
         starts = range(0, len(order), size)
         show = self.progress if progress is None else progress
@@ -686,8 +753,11 @@ class MoEEncoder(AbsEncoder):
             >>> enc.embed(["A cat.", "A dog."]).shape  # doctest: +SKIP
             (2, 3072)
         """
+        return self._embed(texts, self._resolve(instruction), batch_size, progress)
+
+    def _embed(self, texts: Sequence[str], instruction: str | None, batch_size: int | None, progress: bool | None) -> np.ndarray:
         out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
-        for index, hs, rw in self._batches(texts, self._resolve(instruction), batch_size, progress):
+        for index, hs, rw in self._batches(texts, instruction, batch_size, progress):
             out[index] = self.combine(hs, rw).numpy()
         return out
 
@@ -695,9 +765,12 @@ class MoEEncoder(AbsEncoder):
 
     def task_instruction(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str | None:
         """The instruction for a task and side: None for documents, else the configured one
-        (``"task"`` resolved through mteb's ``get_instruction``)."""
-        if self.instruction is None or prompt_type == PromptType.document:
+        (``"task"`` resolved through mteb's ``get_instruction``). With ``reference=True``
+        documents get ``""`` (the reference's corpus instruction: the GritLM prefix alone)."""
+        if self.instruction is None:
             return None
+        if prompt_type == PromptType.document:
+            return "" if self.reference else None
         if self.instruction == TASK_INSTRUCTION:
             return self.get_instruction(task_metadata, prompt_type) or None
         return self.instruction
@@ -717,13 +790,20 @@ class MoEEncoder(AbsEncoder):
         for batch in inputs:
             texts.extend(batch["text"])
         instruction = self.task_instruction(task_metadata, prompt_type)
+        if (self.reference and self.embedding == "moee_sum" and task_metadata.type in ENSEMBLE_TASK_TYPES
+                and not self._emitting_parts()):
+            raise InvalidOptionError(
+                f"the reference MoEE(sum) of a {task_metadata.type} task averages the predictions of separate HS and "
+                f"RW runs: evaluate hf_moe_patch.embeddings.reference.reference_tasks(tasks, hidden_size=..., "
+                f"sum_weight=...) instead of {task_metadata.name} itself"
+            )
         logger.info(
             "MoEE %s: %d texts of %s (%s/%s, %s), instruction=%r",
             self.embedding, len(texts), task_metadata.name, hf_subset, hf_split,
             prompt_type.value if prompt_type else "-", instruction,
         )
-        progress = kwargs.get("show_progress_bar")
-        return self.embed(texts, instruction=instruction or "", progress=self.progress and (progress is None or bool(progress)))
+        progress = self.progress and (kwargs.get("show_progress_bar") is None or bool(kwargs.get("show_progress_bar")))
+        return self._embed(texts, instruction, None, progress)
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
         """``(n1, n2)`` scores: MoEE(sum) (:func:`moee_sum_similarity`) for ``moee_sum``, else cosine.
@@ -766,7 +846,8 @@ class MoEESentenceModule(_STInputModule):
     """
 
     config_file_name = "moee_config.json"
-    config_keys = ["embedding", "prompt", "instruction", "sum_weight", "standardize", "clean_text", "max_length", "batch_size"]
+    config_keys = ["embedding", "prompt", "instruction", "sum_weight", "standardize", "clean_text", "reference", "max_length",
+                   "batch_size"]
     save_in_root = True
 
     def __init__(self, encoder: MoEEncoder) -> None:
