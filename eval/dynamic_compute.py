@@ -41,17 +41,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import random
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,7 +55,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
+from _common import ROOT, fmt_duration, key_of, machine_info, read_json, slug, write_json  # noqa: E402
 DEFAULT_OUT = ROOT / "eval" / "results" / "dynamic_compute"
 SCRIPT = "eval/dynamic_compute.py"
 
@@ -238,29 +235,6 @@ def select_routings(args: argparse.Namespace) -> list[Routing]:
 
 # --- small helpers -----------------------------------------------------------------------------
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")
-
-
-def key_of(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: an interrupted run never leaves a truncated cache entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def quantiles(values: Sequence[float]) -> dict[str, float]:
     """Median and 25th/75th percentiles (inclusive method; a single value is its own spread)."""
     vals = sorted(values)
@@ -268,45 +242,6 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
         return {"median": vals[0], "q25": vals[0], "q75": vals[0], "n": 1}
     q = statistics.quantiles(vals, n=4, method="inclusive")
     return {"median": statistics.median(vals), "q25": q[0], "q75": q[2], "n": len(vals)}
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m {seconds % 60:02d}s"
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "gpu": torch.cuda.is_available()}
-    try:
-        import mteb
-
-        info["mteb"] = mteb.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    import hf_moe_patch
-
-    info["hf_moe_patch"] = hf_moe_patch.__version__
-    try:  # read-only git queries
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                            timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hf_moe_patch"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        info["hf_moe_patch_uncommitted_changes"] = bool(dirty)
-    except Exception:  # noqa: BLE001
-        pass
-    return info
 
 
 # --- data --------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import random
 import threading
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -208,8 +209,12 @@ def ensemble_clustering_bootstrapped(
                                          init="k-means++", n_init=1, random_state=seed)
                 runs.append(kmeans.fit_predict(part[index]))
             assignment = average_predictions(runs[0], runs[1], sum_weight)
-            for metric, func in metric_funcs.items():
-                scores[metric][f"Level {level}"].append(float(func(level_labels[index], assignment)))
+            with warnings.catch_warnings():
+                # Averaged cluster ids are floats by design (the official code scores them as
+                # they are); sklearn warns that they look continuous.
+                warnings.filterwarnings("ignore", message="Clustering metrics expects discrete values")
+                for metric, func in metric_funcs.items():
+                    scores[metric][f"Level {level}"].append(float(func(level_labels[index], assignment)))
             assignments[f"Level {level}"].append(assignment.tolist())
     return scores, assignments
 

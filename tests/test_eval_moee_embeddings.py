@@ -1,0 +1,43 @@
+"""eval/moee_embeddings.py: the smoke run on the fixture WordNet writes a report whose numbers come
+from its own measurements, and a rerun reads every cell back from the cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "moee_embeddings.py"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wordnet"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("moee_embeddings", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["moee_embeddings"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_reports_measured_cells_and_reuses_the_cache(tmp_path):
+    script = load_script()
+    out = tmp_path / "moee"
+    args = ["--quick", "--out", str(out), "--wordnet", str(FIXTURE), "--log-level", "WARNING", "--models"]
+    assert script.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert {(r["embedding"], r["mode"]) for r in rows if r["group"] == "embedding"} == {
+        ("hs", "ours"), ("hs", "reference"), ("moee_sum", "ours"), ("moee_sum", "reference")}
+    assert all(math.isfinite(r["mean"]) and set(r["scores"]) == set(script.QUICK_SIZES) for r in rows)
+    ours = next(r for r in rows if r["group"] == "embedding" and r["embedding"] == "moee_sum" and r["mode"] == "ours")
+    ref = next(r for r in rows if r["group"] == "embedding" and r["embedding"] == "moee_sum" and r["mode"] == "reference")
+    assert ours["scores"] != ref["scores"]  # the two pipelines are measured separately
+    readme = (out / "README.md").read_text()
+    assert f"| MoEE(sum) | ours | prompteol | {ours['mean']:.2f} ± 0.00 | 1 |" in readme
+    assert (out / "embeddings.png").stat().st_size > 0 and (out / "sweeps.png").stat().st_size > 0
+    cache = sorted(p.stat().st_mtime_ns for p in (out / "mteb_cache").rglob("WordNetWuPalmerSTS.json"))
+    assert script.main(args) == 0  # every cell from mteb's cache: no result file is rewritten
+    assert sorted(p.stat().st_mtime_ns for p in (out / "mteb_cache").rglob("WordNetWuPalmerSTS.json")) == cache
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
