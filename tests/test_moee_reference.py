@@ -244,3 +244,24 @@ def test_reference_clustering_runs_through_mteb_and_restores_its_function(demo):
     result = mteb.evaluate(enc, [wrapped], cache=None, overwrite_strategy="always", show_progress_bar=False)
     assert clustering._evaluate_clustering_bootstrapped is original
     assert 0.0 <= result.task_results[0].scores["test"][0]["v_measure"] <= 1.0
+
+
+def test_reference_encoder_and_wrapped_tasks_pickle(demo):
+    import pickle
+
+    _, tokenizer = demo
+    # A fresh model: transformers leaves unpicklable output-capturing hooks on a model once it has
+    # been called with output_router_logits (the port does that to the shared one).
+    model = AutoModelForCausalLM.from_pretrained(hmp.demo_model_path(), dtype=torch.float32).eval()
+    enc = MoEEncoder(model, tokenizer, reference=True, batch_size=3, progress=False)
+    again = pickle.loads(pickle.dumps(enc))
+    np.testing.assert_array_equal(again.embed(SENTENCES[:4], instruction=""), enc.embed(SENTENCES[:4], instruction=""))
+    with again.emitting_parts():
+        assert again._emitting_parts() and not enc._emitting_parts()
+    tasks = _fixture_tasks(["WordNetLexnameClassification", "WordNetLexnameClustering", "WordNetWuPalmerSTS"])
+    wrapped = reference_tasks(tasks, hidden_size=enc.hidden_size, sum_weight=0.5)
+    assert wrapped[2] is tasks[2]  # STS needs no wrapper
+    for task in wrapped[:2] + [reference_tasks([mteb.get_task("Banking77Classification")], hidden_size=8, sum_weight=2.0)[0]]:
+        back = pickle.loads(pickle.dumps(task))
+        assert type(back).__name__ == type(task).__name__ and back.metadata.name == task.metadata.name
+        assert (back._moee_hidden_size, back._moee_sum_weight) == (task._moee_hidden_size, task._moee_sum_weight)

@@ -677,6 +677,15 @@ class MoEEncoder(AbsEncoder):
             return torch.cat([z(hs), z(rw)], dim=-1)
         return torch.cat([F.normalize(hs, dim=-1), math.sqrt(self.sum_weight) * F.normalize(rw, dim=-1)], dim=-1)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_parts", None)  # per-thread and transient: not part of the encoder's value
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._parts = threading.local()
+
     @contextmanager
     def emitting_parts(self) -> Iterator[None]:
         """Inside it (this thread), a reference ``moee_sum`` encoder returns ``[z(hs) ; z(rw)]``:

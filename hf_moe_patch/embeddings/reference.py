@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import random
 import threading
 import warnings
@@ -128,11 +127,27 @@ def _split(embeddings: Any, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
     return x[:, :hidden_size], x[:, hidden_size:]
 
 
-class _EnsembleClassification:
-    """Classification whose prediction is the average of a classifier on each part."""
-
+class _Ensemble:
+    """What the wrapped tasks share: the split point, the weight, and pickling as the task they wrap."""
+    _moee_base: type
     _moee_hidden_size: int
     _moee_sum_weight: float
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The wrapper class is made at run time and cannot be imported by name: pickle the wrapped
+        # task (with its own pickling) and wrap it again when loading.
+        base = type(self)._moee_base
+        plain = base.__new__(base)
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_moee_hidden_size", "_moee_sum_weight")})
+        return (_rewrap, (plain, self._moee_hidden_size, self._moee_sum_weight))
+
+
+def _rewrap(task: Any, hidden_size: int, sum_weight: float) -> Any:
+    return reference_tasks([task], hidden_size=hidden_size, sum_weight=sum_weight)[0]
+
+
+class _EnsembleClassification(_Ensemble):
+    """Classification whose prediction is the average of a classifier on each part."""
 
     def _evaluate_subset(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         with model.emitting_parts():
@@ -151,11 +166,8 @@ class _EnsembleClassification:
         return self._calculate_scores(y_test, y_pred), y_pred.tolist()  # type: ignore[attr-defined]
 
 
-class _EnsembleClustering:
+class _EnsembleClustering(_Ensemble):
     """Clustering whose assignment is the average of a k-means run on each part."""
-
-    _moee_hidden_size: int
-    _moee_sum_weight: float
 
     def _evaluate_subset(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         import mteb.abstasks.clustering as clustering
@@ -240,9 +252,10 @@ def reference_tasks(tasks: Sequence[Any], *, hidden_size: int, sum_weight: float
         if mixin is None or isinstance(task, mixin):
             out.append(task)
             continue
-        wrapped = copy.copy(task)
         cls = type(task)
-        wrapped.__class__ = type(f"Reference{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        wrapper = type(f"Reference{cls.__name__}", (mixin, cls), {"__module__": cls.__module__, "_moee_base": cls})
+        wrapped = wrapper.__new__(wrapper)
+        wrapped.__dict__.update(task.__dict__)  # a shallow copy: the task's data is shared, not copied
         wrapped._moee_hidden_size = int(hidden_size)
         wrapped._moee_sum_weight = float(sum_weight)
         out.append(wrapped)
