@@ -58,12 +58,22 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m {seconds % 60:02d}s"
 
 
-def mean_std(values: Sequence[float]) -> dict[str, float | int]:
-    """Mean, sample standard deviation (0 for one value) and count of the finite values."""
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), count and list of the finite values."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        return {"mean": math.nan, "std": math.nan, "n": 0, "values": []}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals),
+            "values": vals}
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """Median and 25th/75th percentiles (inclusive method; a single value is its own spread)."""
+    vals = sorted(values)
+    if len(vals) == 1:
+        return {"median": vals[0], "q25": vals[0], "q75": vals[0], "n": 1}
+    q = statistics.quantiles(vals, n=4, method="inclusive")
+    return {"median": statistics.median(vals), "q25": q[0], "q75": q[2], "n": len(vals)}
 
 
 def machine_info() -> dict[str, Any]:

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, fmt_duration, key_of, machine_info, read_json, slug, write_json  # noqa: E402
+from _common import ROOT, fmt_duration, key_of, machine_info, quantiles, read_json, slug, write_json  # noqa: E402
 DEFAULT_OUT = ROOT / "eval" / "results" / "dynamic_compute"
 SCRIPT = "eval/dynamic_compute.py"
 
@@ -234,15 +234,6 @@ def select_routings(args: argparse.Namespace) -> list[Routing]:
 
 
 # --- small helpers -----------------------------------------------------------------------------
-
-def quantiles(values: Sequence[float]) -> dict[str, float]:
-    """Median and 25th/75th percentiles (inclusive method; a single value is its own spread)."""
-    vals = sorted(values)
-    if len(vals) == 1:
-        return {"median": vals[0], "q25": vals[0], "q75": vals[0], "n": 1}
-    q = statistics.quantiles(vals, n=4, method="inclusive")
-    return {"median": statistics.median(vals), "q25": q[0], "q75": q[2], "n": len(vals)}
-
 
 # --- data --------------------------------------------------------------------------------------
 
