@@ -113,16 +113,24 @@ def machine_info() -> dict[str, Any]:
 
 
 def verdict(diffs: Sequence[float], *, better: str = "higher") -> str:
-    """``holds`` when every paired difference (claimed side minus the other) favours the claim,
-    ``does not hold`` when every one goes against it, else ``inconclusive`` (also with one pair,
-    or with no data). A sign rule over seeds: no difference is called real unless it has the
-    same sign on every seed."""
+    """The verdict on a claim from paired differences over seeds (claimed side minus the other).
+
+    ``holds`` when every difference favours the claim *and* their mean is more than two standard
+    errors (sample std / sqrt(n)) from 0; ``does not hold`` when the same is true against it;
+    else ``inconclusive`` (always with fewer than 2 seeds).
+
+    Example:
+        >>> verdict([1.0, 1.2, 0.9]), verdict([0.1, -0.1, 0.2]), verdict([-1.0, -1.1])
+        ('holds', 'inconclusive', 'does not hold')
+    """
     vals = [d for d in diffs if d is not None and math.isfinite(d)]
     if len(vals) < 2:
         return "inconclusive (fewer than 2 seeds)"
     sign = 1.0 if better == "higher" else -1.0
-    if all(sign * d > 0 for d in vals):
+    mean = statistics.fmean(vals)
+    se = statistics.stdev(vals) / math.sqrt(len(vals))
+    if all(sign * d > 0 for d in vals) and sign * mean > 2 * se:
         return "holds"
-    if all(sign * d < 0 for d in vals):
+    if all(sign * d < 0 for d in vals) and sign * mean < -2 * se:
         return "does not hold"
     return "inconclusive"

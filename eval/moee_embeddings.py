@@ -13,9 +13,9 @@ seed; spread over the models) -- the WordNet MTEB mean (main scores x100) of:
 * **alpha**: USMoE with alpha in {0, 0.3, 0.5, 0.7, 1} (MoEE(sum), PromptEOL, our mode);
 * **sum weight**: w in cos(HS) + w cos(RW), native router, both modes.
 
-Claims are judged by a sign rule over the seeds (``_common.verdict``): *holds* when the paired
-difference has the claimed sign on every seed, *does not hold* when it has the other sign on
-every seed, else *inconclusive*. Each cell's mteb results are cached (``<out>/mteb_cache``), so a
+Claims are judged over the seeds by ``_common.verdict``: *holds* when the paired difference has
+the claimed sign on every seed and its mean is more than 2 standard errors from 0, *does not
+hold* when the same is true against the claim, else *inconclusive*. Each cell's mteb results are cached (``<out>/mteb_cache``), so a
 rerun recomputes only what is missing.
 
 Outputs in --out: results.json, README.md, embeddings.png, sweeps.png.
@@ -273,9 +273,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Scores are the mean over the WordNet tasks of mteb's main scores, x100. **Seeds:** on the demo model, the "
         f"WordNet task sampling seeds {results['settings']['task_seeds']} (same model); on the trained models, one "
         "model per training seed (task seed " f"{results['settings']['task_seeds'][0]}). Each cell is mean ± sample std "
-        "over those seeds, n = number of seeds. Verdicts use a sign rule: *holds* when the paired difference has "
-        "the claimed sign on every seed, *does not hold* when it has the other sign on every seed, else "
-        "*inconclusive*.",
+        "over those seeds, n = number of seeds. Verdicts: *holds* when the paired difference has the claimed sign on "
+        "every seed and its mean is more than 2 standard errors from 0, *does not hold* when the same is true "
+        "against the claim, else *inconclusive*.",
         "",
         "Modes: **ours** embeds each text on its own (per-text standardisation, positions from the mask, no "
         "instruction); **reference** is the official MoEE pipeline (`MoEEncoder(reference=True)`: cleaned text, "

@@ -3,7 +3,8 @@
 
 For each router and each corruption of the input text (:class:`hf_moe_patch.data.corruption.
 Corruption`: ``junk`` inserts junk tokens after words, ``char`` edits characters; at rates 0,
-0.05, 0.1, 0.2 by default, rate 0 being the clean text shared by both kinds):
+0.1, 0.2 by default, rate 0 being the clean text shared by both kinds, each corrupted setting
+drawn with three noise seeds):
 
 1. **training-free, on the shipped demo model** (OLMoE architecture, 16 experts, native top-4,
    pretrained on WordNet with the native router): held-out perplexity and the WordNet MTEB mean
@@ -27,8 +28,9 @@ clean words, and how badly it predicts the noise (the same noise for every route
 compare fairly at one corruption setting).
 
 The corruption of a text depends only on (kind, seed, text), so every router sees the same
-corrupted texts. ``--corruption-seeds 0 1 2`` repeats each corrupted cell with other noise draws
-(error bars: std over seeds on the training-free figure).
+corrupted texts. ``--corruption-seeds`` (default 0 1 2) repeats each corrupted cell with other
+noise draws: the error bars of the training-free figure, and the seeds of its claims ("router X
+degrades less than native", judged by ``_common.verdict`` on the paired differences).
 
 Resumable cell by cell: every (model, router, corruption) cell is cached as
 ``cells/<model>/<router>/<corruption>.json`` in --out and reused by a rerun unless a setting that
@@ -38,7 +40,7 @@ Outputs in --out: results.json, README.md, robustness_training_free.png,
 robustness_trained.png (when checkpoints were evaluated).
 
 Example:
-    python eval/robustness.py                          # the full run (~13 min on 2 CPU cores)
+    python eval/robustness.py                          # the full run (~18 min on 2 quiet CPU cores)
     python eval/robustness.py --quick --out /tmp/rb    # smoke run (< 30 s)
     python eval/robustness.py --models eval/results/pretrain/models/topk_aux_seed*
 """
@@ -59,7 +61,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, fmt_duration, key_of, machine_info, mean_std, read_json, slug, write_json  # noqa: E402
+from _common import ROOT, fmt_duration, key_of, machine_info, mean_std, read_json, slug, verdict, write_json  # noqa: E402
 DEFAULT_OUT = ROOT / "eval" / "results" / "robustness"
 DEFAULT_MODELS_GLOB = "eval/results/pretrain/models/topk_aux_seed*"
 SCRIPT = "eval/robustness.py"
@@ -76,8 +78,8 @@ ROUTER_STYLE = {"native": ("#1f77b4", "o", "-"), "usmoe": ("#ff7f0e", "s", "--")
                 "expert_choice": ("#2ca02c", "^", "-."), "ssr_sinkhorn": ("#9467bd", "D", ":")}
 
 # Defaults of the full run and of --quick; a flag given on the command line wins over both.
-FULL = dict(routers=list(ROUTER_KEYS), rates=[0.05, 0.1, 0.2], kinds=list(KINDS), eval_blocks=128,
-            tasks=list(DEMO_TASKS), task_sizes=None, corruption_seeds=[0])
+FULL = dict(routers=list(ROUTER_KEYS), rates=[0.1, 0.2], kinds=list(KINDS), eval_blocks=128,
+            tasks=list(DEMO_TASKS), task_sizes=None, corruption_seeds=[0, 1, 2])
 QUICK = dict(routers=["native", "usmoe"], rates=[0.2], kinds=list(KINDS), eval_blocks=8, tasks=["WordNetWuPalmerSTS"],
              task_sizes={"WordNetWuPalmerSTS": {"n_pairs": 100}}, corruption_seeds=[0])
 
@@ -134,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"routers ({', '.join(ROUTER_KEYS)}; default: all; quick: native usmoe); native is always included")
     p.add_argument("--kinds", nargs="+", choices=KINDS, help="corruption kinds (default: junk char)")
     p.add_argument("--rates", nargs="+", type=float, metavar="RATE",
-                   help="corruption rates in (0, 1]; rate 0 (clean) is always included (default: 0.05 0.1 0.2; quick: 0.2)")
+                   help="corruption rates in (0, 1]; rate 0 (clean) is always included (default: 0.1 0.2; quick: 0.2)")
     p.add_argument("--corruption-seeds", nargs="+", type=int, metavar="SEED",
-                   help="noise draws of each corrupted cell (default: 0); several give error bars")
+                   help="noise draws of each corrupted cell (default: 0 1 2; quick: 0): error bars and the claims' seeds")
     p.add_argument("--eval-blocks", type=int,
                    help="held-out blocks (clean) for perplexity (default: 128 of the demo's block size 128; quick: 8)")
     p.add_argument("--ppl-batch-size", type=int, default=32, help="blocks per forward for perplexity (default: %(default)s)")
@@ -440,6 +442,51 @@ def findings(results: dict[str, Any], demo_routers: list[Router], trained_router
     return out
 
 
+def robustness_claims(records: list[dict], routers: list[Router], args, unit: str) -> list[dict[str, Any]]:
+    """"Router X degrades less than native under corruption", per kind at the highest rate, as
+    paired differences over the seed units (``unit``: ``"corruption_seed"`` on one model, or
+    ``"model"`` over checkpoints, each averaged over its corruption seeds), judged by
+    ``_common.verdict``. Perplexity: native's ratio to clean minus X's (positive: X
+    degrades less). MTEB: X's change from clean minus native's, in points x100."""
+    top = max(args.rates)
+    out: list[dict[str, Any]] = []
+
+    def per_unit(router: str, kind: str, metric) -> dict[Any, float]:
+        mine = [x for x in records if x["router"] == router]
+        clean = {x["model"]: metric(x) for x in mine if x["kind"] == "clean"}
+        values: dict[Any, list[float]] = {}
+        for x in mine:
+            if x["kind"] == kind and x["rate"] == top and metric(x) is not None and clean.get(x["model"]) is not None:
+                values.setdefault(x[unit], []).append((x["model"], metric(x)))
+        return {u: statistics.fmean(v - clean[m] if metric is _mteb else v / clean[m] for m, v in vs)
+                for u, vs in values.items()}
+
+    for kind in args.kinds:
+        for name, metric in (("perplexity", _ppl), ("MTEB", _mteb)):
+            base = per_unit(NATIVE, kind, metric)
+            for r in routers:
+                if r.key == NATIVE:
+                    continue
+                mine = per_unit(r.key, kind, metric)
+                units = sorted(set(base) & set(mine), key=str)
+                if not units:
+                    continue
+                diffs = [(base[u] - mine[u]) if metric is _ppl else 100 * (mine[u] - base[u]) for u in units]
+                out.append({"claim": f"{r.label} degrades less than native under {kind} corruption at rate {top:g} ({name})",
+                            "router": r.key, "kind": kind, "metric": name, "unit": unit, "diffs": diffs,
+                            **{f"diff_{k}": v for k, v in mean_std(diffs).items() if k != "values"},
+                            "verdict": verdict(diffs)})
+    return out
+
+
+def _ppl(x: dict) -> float | None:
+    return x.get("perplexity")
+
+
+def _mteb(x: dict) -> float | None:
+    return (x.get("mteb") or {}).get("mean")
+
+
 def line_figure(agg: dict[str, Any], routers: list[Router], kinds: list[str], metrics: list[tuple[str, str]], path: Path,
                 title: str, err_note: str) -> Path:
     import matplotlib
@@ -501,6 +548,19 @@ def markdown(results: dict[str, Any], demo_routers: list[Router], trained_router
              f"- routers: " + "; ".join(f"{r.label} = `{r.method}` {r.options or ''}".rstrip() for r in routers), "",
              "## Findings", ""]
     lines += [f"- {f}" for f in results["findings"]] or ["- (none)"]
+    for part, title, unit in (("training_free", "training-free, demo model", "corruption seeds (one model)"),
+                              ("trained", "trained checkpoints", "checkpoints")):
+        claims = (results.get("claims") or {}).get(part) or []
+        if not claims:
+            continue
+        lines += ["", f"## Claims ({title}; seeds: {unit})", "",
+                  "Positive difference: the router degrades less than native (perplexity: native's ratio to clean minus "
+                  "the router's; MTEB: the router's change from clean minus native's, x100). Verdict: *holds* when "
+                  "every seed agrees with the claim and the mean is more than 2 standard errors from 0, *does not hold* "
+                  "when the same is true against it, else *inconclusive*.", "",
+                  "| claim | paired difference | n | verdict |", "|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['diff_mean']:+.3f} ± {c['diff_std']:.3f} | {c['diff_n']} | **{c['verdict']}** |"
+                  for c in claims]
     demo = results.get("training_free")
     if demo:
         lines += ["", f"## Training-free: shipped demo model ({demo['model_description']})", "",
@@ -644,6 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["cells_computed"] = len(progress["computed"])
     results["cell_seconds_computed"] = sum(progress["computed"])
     results["findings"] = findings(results, routers_used, trained_routers)
+    results["claims"] = {
+        "training_free": robustness_claims(results["training_free"]["records"], routers_used, args, "corruption_seed")
+        if "training_free" in results else [],
+        "trained": robustness_claims(trained["records"], trained_routers, args, "model") if trained.get("records") else [],
+    }
     results["finished_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     seeds_note = ("error bars: std over corruption seeds " + str(args.corruption_seeds) if len(args.corruption_seeds) > 1
                   else "one corruption seed: no error bars")

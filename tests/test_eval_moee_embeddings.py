@@ -41,3 +41,15 @@ def test_quick_run_reports_measured_cells_and_reuses_the_cache(tmp_path):
     assert script.main(args) == 0  # every cell from mteb's cache: no result file is rewritten
     assert sorted(p.stat().st_mtime_ns for p in (out / "mteb_cache").rglob("WordNetWuPalmerSTS.json")) == cache
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_verdict_needs_every_seed_and_two_standard_errors():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _common import verdict
+
+    assert verdict([1.0, 1.2, 0.9]) == "holds"
+    assert verdict([-1.0, -1.1]) == "does not hold"
+    assert verdict([2.96, 0.56]) == "inconclusive"  # same sign, but the mean is within 2 standard errors
+    assert verdict([0.1, -0.1, 0.2]) == "inconclusive"
+    assert verdict([-1.0, -2.0], better="lower") == "holds"
+    assert verdict([1.0]).startswith("inconclusive") and verdict([]).startswith("inconclusive")
