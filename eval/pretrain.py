@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, machine_info, mean_std, read_json, write_json  # noqa: E402
+from _common import ROOT, machine_info, mean_std, read_json, verdict, write_json  # noqa: E402
 DEFAULT_OUT = ROOT / "eval" / "results" / "pretrain"
 SCRIPT = "eval/pretrain.py"
 
@@ -101,7 +101,7 @@ QUICK = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
 SETTING_KEYS = tuple(k for k in FULL if k != "seeds")
 
 # Claims tested, each a comparison of one metric between two routers. "lower": the claim is that
-# router A has a lower value than router B. Decisive when |mean difference| > 2 standard errors.
+# router A has a lower value than router B, judged on paired seeds by _common.verdict.
 METRICS = {
     "val_ppl": "validation perplexity",
     "junk_ppl_ratio": "perplexity ratio junk-corrupted / clean",
@@ -407,22 +407,18 @@ def load_runs(out: Path, settings: dict[str, Any]) -> tuple[list[dict], list[str
     return runs, ignored
 
 
-def compare(a: list[float], b: list[float]) -> tuple[str, float | None, float | None]:
-    """'holds' when mean(a) < mean(b) by more than 2 standard errors, 'does not hold' when
-    mean(a) > mean(b) by more than that, else 'inconclusive'; needs >= 2 seeds on both sides."""
-    if len(a) < 2 or len(b) < 2:
-        return "inconclusive (fewer than 2 seeds)", None, None
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    if se == 0.0:
-        verdict = "holds" if diff < 0 else ("does not hold" if diff > 0 else "inconclusive")
-    elif diff < -2 * se:
-        verdict = "holds"
-    elif diff > 2 * se:
-        verdict = "does not hold"
-    else:
-        verdict = "inconclusive"
-    return verdict, diff, se
+def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, float | None, float | None, int]:
+    """The claim "router a has the lower value" on the seeds both have: every router starts a seed
+    from the same weights and data order, so the runs pair by seed. Verdict by
+    ``_common.verdict`` on the paired differences a - b (lower is the claimed side); returns the
+    verdict, the mean difference, its standard error and the number of pairs."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[k] - b[k] for k in seeds]
+    if not diffs:
+        return "inconclusive (fewer than 2 seeds)", None, None, 0
+    s = mean_std(diffs)
+    se = s["std"] / math.sqrt(s["n"]) if s["n"] > 1 else None
+    return verdict(diffs, better="lower"), s["mean"], se, len(diffs)
 
 
 def aggregate(runs: list[dict]) -> dict[str, Any]:
@@ -456,11 +452,11 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
         table[router] = row
     claims = []
     for text, a, b, metric in CLAIMS:
-        va = [r.get(metric) for r in by_router.get(a, []) if r.get(metric) is not None]
-        vb = [r.get(metric) for r in by_router.get(b, []) if r.get(metric) is not None]
-        verdict, diff, se = compare(va, vb)
-        claims.append({"claim": text, "a": a, "b": b, "metric": metric, "verdict": verdict, "difference": diff,
-                       "standard_error": se, "seeds_a": len(va), "seeds_b": len(vb)})
+        va = {r["seed"]: r.get(metric) for r in by_router.get(a, []) if r.get(metric) is not None}
+        vb = {r["seed"]: r.get(metric) for r in by_router.get(b, []) if r.get(metric) is not None}
+        result, diff, se, pairs = compare(va, vb)
+        claims.append({"claim": text, "a": a, "b": b, "metric": metric, "verdict": result, "difference": diff,
+                       "standard_error": se, "seeds_a": len(va), "seeds_b": len(vb), "paired_seeds": pairs})
     return {"routers": table, "claims": claims}
 
 
@@ -651,15 +647,17 @@ def write_report(out: Path, args: argparse.Namespace, argv: Sequence[str]) -> di
                      f"{fmt(**_ms(row['heldout_experts_per_token_mean']), digits=2)} | "
                      f"{fmt(**_ms(row['step_time_median']), digits=3)} | {fmt(**_ms(row['step_time_rel']), digits=2)} |")
     lines += ["", "## Claims", "",
-              "Each claim compares one metric of two routers over seeds: **holds** when router A's mean is lower than "
-              "router B's by more than 2 standard errors of the difference (sqrt(s_A²/n_A + s_B²/n_B)), **does not hold** "
-              "when it is higher by more than that, **inconclusive** otherwise or with fewer than 2 seeds on a side. "
-              "These are the papers' claims at this small scale only.", "",
-              "| claim | metric | A − B | standard error | seeds A / B | verdict |", "|---|---|---|---|---|---|"]
+              "Each claim compares one metric of two routers on the seeds both have (a seed starts every router from "
+              "the same weights and data order, so the runs pair by seed): **holds** when router A's value is lower "
+              "than router B's on every seed and the mean paired difference is more than 2 standard errors below 0, "
+              "**does not hold** when the same is true the other way, **inconclusive** otherwise or with fewer than "
+              "2 paired seeds. These are the papers' claims at this small scale only.", "",
+              "| claim | metric | A − B (mean over seeds) | standard error | paired seeds | verdict |",
+              "|---|---|---|---|---|---|"]
     for c in agg["claims"]:
         diff = "–" if c["difference"] is None else f"{c['difference']:+.4g}"
         se = "–" if c["standard_error"] is None else f"{c['standard_error']:.3g}"
-        lines.append(f"| {c['claim']} | {METRICS[c['metric']]} | {diff} | {se} | {c['seeds_a']} / {c['seeds_b']} | "
+        lines.append(f"| {c['claim']} | {METRICS[c['metric']]} | {diff} | {se} | {c['paired_seeds']} | "
                      f"**{c['verdict']}** |")
     lines += ["", "Caveats: expert choice and USMoE (sequence scope) are non-causal: a token's experts depend on later "
               "tokens of its sequence, in training and in validation, which a causal LM cannot do at generation time; "

@@ -23,10 +23,11 @@ def load_script():
 
 def test_compare_verdicts_by_hand():
     script = load_script()
-    assert script.compare([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])[0] == "holds"
-    assert script.compare([2.0, 2.1, 1.9], [1.0, 1.1, 0.9])[0] == "does not hold"
-    assert script.compare([1.0, 2.0, 3.0], [1.5, 2.5, 0.5])[0] == "inconclusive"
-    assert script.compare([1.0], [2.0, 3.0])[0].startswith("inconclusive")
+    assert script.compare({0: 1.0, 1: 1.1, 2: 0.9}, {0: 2.0, 1: 2.1, 2: 1.9})[0] == "holds"
+    assert script.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.0, 1: 1.1, 2: 0.9})[0] == "does not hold"
+    assert script.compare({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 2.5, 2: 0.5})[0] == "inconclusive"
+    assert script.compare({0: 1.0}, {0: 2.0, 1: 3.0})[0].startswith("inconclusive")  # one paired seed
+    assert script.compare({0: 1.0, 1: 1.0}, {2: 2.0, 3: 3.0})[3] == 0  # no seed in common: nothing paired
 
 
 def test_quick_run_writes_finite_results_resumes_and_reports(tmp_path):
