@@ -235,6 +235,13 @@ def claims(rows: list[dict[str, Any]], model_kind: str) -> list[dict[str, Any]]:
         out.append({"paper": "MoEE", "claim": f"RW is more robust to the prompt than HS (smaller absolute change from "
                                               f"no prompt to PromptEOL, {mode} mode)", "diffs": d,
                     **{f"diff_{k}": v for k, v in mean_std(d).items()}, "verdict": verdict(d)})
+    # The paper reports alpha in (0.3, 0.7) working best: the default 0.5 against the better end.
+    mid = lookup(rows, model_kind, **base("moee_sum", group="alpha", routing="usmoe:alpha=0.5"))
+    ends = [lookup(rows, model_kind, **base("moee_sum", group="alpha", routing=f"usmoe:alpha={a:g}")) for a in (0.0, 1.0)]
+    units = sorted(set(mid) & set(ends[0]) & set(ends[1]))
+    d = [mid[u] - max(ends[0][u], ends[1][u]) for u in units]
+    out.append({"paper": "USMoE", "claim": "USMoE's alpha 0.5 beats both ends, alpha 0 and 1 (MoEE(sum), ours mode)",
+                "diffs": d, **{f"diff_{k}": v for k, v in mean_std(d).items()}, "verdict": verdict(d)})
     for mode in MODES:
         for other in ("topk", "expert_choice"):
             claim("USMoE", f"USMoE beats {'token choice' if other == 'topk' else 'expert choice'} on MoEE(sum) "

@@ -126,6 +126,10 @@ CLAIMS = [
     ("USMoE degrades less than top-k with aux loss under junk-token corruption", "usmoe", "topk_aux", "junk_ppl_ratio"),
     ("USMoE degrades less than top-k with aux loss under character corruption", "usmoe", "topk_aux", "char_ppl_ratio"),
     ("USMoE reaches a lower validation perplexity than expert choice", "usmoe", "expert_choice", "val_ppl"),
+    ("SSR (p=0.01) degrades less than top-k with aux loss under junk-token corruption", "ssr_p0.01", "topk_aux",
+     "junk_ppl_ratio"),
+    ("SSR (p=0.01) degrades less than top-k with aux loss under character corruption", "ssr_p0.01", "topk_aux",
+     "char_ppl_ratio"),
     ("the aux loss improves balance: top-k with aux loss has a lower training MaxVio than without",
      "topk_aux", "topk_noaux", "train_maxvio"),
 ]
@@ -455,7 +459,8 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
         va = {r["seed"]: r.get(metric) for r in by_router.get(a, []) if r.get(metric) is not None}
         vb = {r["seed"]: r.get(metric) for r in by_router.get(b, []) if r.get(metric) is not None}
         result, diff, se, pairs = compare(va, vb)
-        claims.append({"claim": text, "a": a, "b": b, "metric": metric, "verdict": result, "difference": diff,
+        paper = "SSR" if a.startswith(("ssr", "sinkhorn")) else "USMoE" if a == "usmoe" else "baseline"
+        claims.append({"paper": paper, "claim": text, "a": a, "b": b, "metric": metric, "verdict": result, "difference": diff,
                        "standard_error": se, "seeds_a": len(va), "seeds_b": len(vb), "paired_seeds": pairs})
     return {"routers": table, "claims": claims}
 

@@ -472,7 +472,9 @@ def robustness_claims(records: list[dict], routers: list[Router], args, unit: st
                 if not units:
                     continue
                 diffs = [(base[u] - mine[u]) if metric is _ppl else 100 * (mine[u] - base[u]) for u in units]
-                out.append({"claim": f"{r.label} degrades less than native under {kind} corruption at rate {top:g} ({name})",
+                paper = {"usmoe": "USMoE", "ssr_sinkhorn": "SSR"}.get(r.key, "baseline")
+                out.append({"paper": paper,
+                            "claim": f"{r.label} degrades less than native under {kind} corruption at rate {top:g} ({name})",
                             "router": r.key, "kind": kind, "metric": name, "unit": unit, "diffs": diffs,
                             **{f"diff_{k}": v for k, v in mean_std(diffs).items() if k != "values"},
                             "verdict": verdict(diffs)})
