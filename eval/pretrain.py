@@ -93,11 +93,11 @@ STYLE = {  # colour, marker
 FULL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48, num_experts=16,
             num_experts_per_tok=4, block_size=128, batch_size=16, steps=1800, learning_rate=3e-3, warmup_steps=100,
             weight_decay=0.1, eval_blocks=256, eval_batch_size=32, log_every=50, train_docs=None, heldout_docs=None,
-            corruption_rate=0.1, seeds=[0, 1, 2])
+            corruption_rate=0.1, threads=1, seeds=[0, 1, 2])
 QUICK = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_experts=4,
              num_experts_per_tok=2, block_size=32, batch_size=4, steps=6, learning_rate=3e-3, warmup_steps=2,
              weight_decay=0.1, eval_blocks=4, eval_batch_size=4, log_every=2, train_docs=2000, heldout_docs=300,
-             corruption_rate=0.1, seeds=[0])
+             corruption_rate=0.1, threads=1, seeds=[0])
 SETTING_KEYS = tuple(k for k in FULL if k != "seeds")
 
 # Claims tested, each a comparison of one metric between two routers. "lower": the claim is that
@@ -147,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, metavar="K", help="seeds (default: 0 1 2; quick: 0)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps, 1 seed")
     p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the runs present in --out")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs trained at once, each in its own process with --threads threads (default: %(default)s: "
+                        "one per core of a 2-core machine)")
+    p.add_argument("--no-report", action="store_true", help="train only; leave the report to a later run")
     p.add_argument("--overwrite", action="store_true", help="retrain the selected runs even when their JSON exists")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     for key, value in FULL.items():
         if key == "seeds":
             continue
@@ -167,11 +170,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, list(value) if isinstance(value, list) else value)
     args.routers = args.routers or list(ROUTERS)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_experts",
-                "num_experts_per_tok", "block_size", "batch_size", "steps", "eval_blocks", "eval_batch_size", "log_every"):
+                "num_experts_per_tok", "block_size", "batch_size", "steps", "eval_blocks", "eval_batch_size", "log_every",
+                "threads"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} is not valid; an integer >= 1")
     if not 0.0 <= args.corruption_rate <= 1.0:
         raise SystemExit(f"--corruption-rate={args.corruption_rate} is not valid; a number in [0, 1]")
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("--jobs and --threads take integers >= 1")
     if any(s < 0 for s in args.seeds):
         raise SystemExit("--seeds take integers >= 0")
     return args
@@ -694,8 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # One thread by default: step times are part of the results, and with two threads on two
+    # cores any other process makes torch's threads wait for each other (steps measured 5-20x
+    # slower). Runs at another thread count are other settings: they never mix in one report.
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     settings = settings_of(args)
     if not args.report_only:
@@ -707,7 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log.info("skipping %s seed %d: finished (%s)", router, seed, run_path(out, router, seed))
                     continue
                 todo.append((router, seed))
-        if todo:
+        if todo and args.jobs > 1:
+            run_in_children(args, todo)
+        elif todo:
             data = Data(args)
             log.info("data: %d train blocks of %d tokens, eval blocks %s", len(data.train_blocks), args.block_size,
                      {k: len(v) for k, v in data.eval_sets.items()})
@@ -719,8 +729,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["command"] = "python " + SCRIPT + (" " + shlex.join(argv) if argv else "")
                 write_json(run_path(out, router, seed), result)
                 log.info("%s seed %d: val ppl %.3f, %.0f s", router, seed, result["val_ppl"], result["wall_seconds"])
-    write_report(out, args, argv)
+    if not args.no_report:
+        write_report(out, args, argv)
     return 0
+
+
+def child_command(args: argparse.Namespace, router: str, seed: int) -> list[str]:
+    """This script for one run, with every setting explicit (so the child has the same settings)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--routers", router, "--seeds", str(seed),
+           "--jobs", "1", "--no-report", "--log-level", args.log_level]
+    for key in SETTING_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+    if args.wordnet:
+        cmd += ["--wordnet", args.wordnet]
+    if args.overwrite:
+        cmd.append("--overwrite")
+    return cmd
+
+
+def run_in_children(args: argparse.Namespace, todo: list[tuple[str, int]]) -> None:
+    """Run ``todo`` in ``args.jobs`` child processes at a time (each with ``args.threads`` threads),
+    in order; each child writes its own run file. A failed child fails the whole command after the
+    others finish, naming the runs."""
+    import subprocess
+
+    pending, running, failed = list(todo), [], []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            router, seed = pending.pop(0)
+            log.info("starting %s seed %d (%d left to start)", router, seed, len(pending))
+            running.append((router, seed, subprocess.Popen(child_command(args, router, seed))))
+        time.sleep(1.0)
+        for item in list(running):
+            router, seed, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode:
+                    failed.append(f"{router} seed {seed} (exit {proc.returncode})")
+    if failed:
+        raise SystemExit(f"{SCRIPT}: error: runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
