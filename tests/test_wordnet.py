@@ -22,6 +22,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from hf_moe_patch.data.wordnet import (
     ENV_VAR,
+    POS_NAMES,
     WordNetNotFoundError,
     find_wordnet_dir,
     load_wordnet,
@@ -39,6 +40,7 @@ from hf_moe_patch.data.wordnet_tasks import (
     build_same_lemma_pairs,
     build_wup_sts,
     get_wordnet_task,
+    sense_document,
     remove_stale_results,
     synset_pool,
     wordnet_tasks,
@@ -54,7 +56,7 @@ PINNED = {
     "WordNetLexnameClassification": "2a889f718367d523",
     "WordNetSameLemmaPairClassification": "2bc61d692bf8035f",
     "WordNetWuPalmerSTS": "0aab8036661245bf",
-    "WordNetExampleRetrieval": "6a710a6824047259",
+    "WordNetExampleRetrieval": "8a87cefac6bbce61",
     "WordNetLexnameClustering": "b8331db2a416c1d1",
 }
 BUILDERS = {
@@ -215,7 +217,7 @@ def test_builders_deterministic_seeded_and_heldout_only(wn, name):
 
 def test_builders_pinned(wn):
     digests = {n: hashlib.sha256(json.dumps(built(wn, n), sort_keys=True).encode()).hexdigest()[:16] for n in BUILDERS}
-    assert (BUILD_VERSION, digests) == (1, PINNED)
+    assert (BUILD_VERSION, digests) == (2, PINNED)
 
 
 def test_classification_labels_are_lexnames(wn):
@@ -268,19 +270,46 @@ def test_sts_scores_are_scaled_wup_and_spread(wn):
     assert len({tuple(sorted(p)) for p in zip(data["id1"], data["id2"])}) == 40
 
 
-def test_retrieval_qrels_point_to_the_query_synset_gloss(wn):
+def test_retrieval_qrels_point_to_the_query_synset_sense(wn):
     data = built(wn, "WordNetExampleRetrieval")
     corpus = dict(zip(data["corpus"]["id"], data["corpus"]["text"]))
     queries = dict(zip(data["queries"]["id"], data["queries"]["text"]))
     assert len(queries) == 30 and len(corpus) == 80 and set(data["relevant_docs"]) == set(queries)
-    for query_id, relevant in data["relevant_docs"].items():
+    for (query_id, relevant), word in zip(data["relevant_docs"].items(), data["queries"]["word"]):
         (doc_id, score), = relevant.items()
-        assert score == 1 and query_id == f"q-{doc_id}"
-        assert queries[query_id] in wn[doc_id].examples and corpus[doc_id] == wn[doc_id].definition
-    # Other senses of the queries' words are in the corpus as distractors.
-    words = {(wn[d].pos, l.lower()) for r in data["relevant_docs"].values() for d in r for l in wn[d].lemmas}
-    distractors = [d for d in corpus if not any(d in r for r in data["relevant_docs"].values())]
-    assert any((wn[d].pos, l.lower()) in words for d in distractors for l in wn[d].lemmas)
+        synset = wn[doc_id]
+        assert score == 1 and query_id == f"q-{doc_id}" and word in synset.lemmas
+        assert corpus[doc_id] == sense_document(synset) == f"{', '.join(synset.lemmas)} ({POS_NAMES[synset.pos]}): {synset.definition}."
+        prefix = f"{word} ({POS_NAMES[synset.pos]}): "
+        assert queries[query_id].startswith(prefix) and queries[query_id][len(prefix):-1] in synset.examples
+
+
+@pytest.mark.parametrize("where", ["fixture", "real"])
+def test_retrieval_is_neither_trivial_nor_unanswerable(wn, where):
+    """Structure that keeps the task informative: every query's sense is in the corpus, every
+    query's word has other senses there (hard distractors with the same headword, so the headword
+    alone does not answer it), and no query appears in a document nor its example in its answer."""
+    if where == "real":
+        if not (REAL / "data.noun").is_file():
+            pytest.skip("WordNet 3.0 is not installed in /usr/share/wordnet")
+        wordnet, data = load_wordnet(REAL), build_example_retrieval(load_wordnet(REAL))
+    else:
+        wordnet, data = wn, built(wn, "WordNetExampleRetrieval")
+    corpus = dict(zip(data["corpus"]["id"], data["corpus"]["text"]))
+    assert len(set(data["corpus"]["id"])) == len(corpus) and len(set(data["queries"]["text"])) == len(data["queries"]["text"])
+    hard_per_query = []
+    for (query_id, relevant), text, word in zip(data["relevant_docs"].items(), data["queries"]["text"], data["queries"]["word"]):
+        (gold,) = relevant
+        assert gold in corpus  # answerable
+        pos = wordnet[gold].pos
+        hard = [d for d in corpus if d != gold and wordnet[d].pos == pos and word.lower() in {l.lower() for l in wordnet[d].lemmas}]
+        assert all(corpus[d] != corpus[gold] for d in hard)  # told apart by the gloss
+        hard_per_query.append(len(hard))
+        example = text.split("): ", 1)[1][:-1]
+        assert example.lower() not in corpus[gold].lower()  # the answer does not quote the query
+        assert not any(text.lower() in doc.lower() for doc in corpus.values())
+    # Every query has a same-headword distractor in the corpus.
+    assert min(hard_per_query) >= 1 and np.mean(hard_per_query) >= 1.5
 
 
 def test_builders_reject_bad_sizes(wn):
@@ -380,7 +409,7 @@ def test_mteb_evaluate_end_to_end(tmp_path):
         assert result.dataset_revision == task.metadata.revision
     assert by_name["WordNetWuPalmerSTS"].scores["test"][0]["main_score"] > 0  # gloss overlap tracks wup a little
     saved = list(tmp_path.rglob("WordNetWuPalmerSTS.json"))
-    assert saved and json.loads(saved[0].read_text())["dataset_revision"].startswith("v1-wn")
+    assert saved and json.loads(saved[0].read_text())["dataset_revision"].startswith("v2-wn")
 
     # mteb would reuse the cached result of another build of a task; remove_stale_results drops it.
     cache, encoder = mteb.ResultCache(tmp_path), CharTrigramEncoder()
@@ -408,7 +437,7 @@ def test_real_wordnet_default_sizes(record_property):
     assert 1000 <= sizes["WordNetLexnameClassification"]["train glosses"] + sizes["WordNetLexnameClassification"]["test glosses"] <= 1600
     assert sizes["WordNetSameLemmaPairClassification"] == {"pairs": 800, "positive pairs": 400, "negative pairs": 400}
     assert sizes["WordNetWuPalmerSTS"] == {"pairs": 500}
-    assert sizes["WordNetExampleRetrieval"] == {"queries": 400, "corpus glosses": 2000}
+    assert sizes["WordNetExampleRetrieval"] == {"queries": 400, "corpus senses": 1000}
     assert 900 <= sizes["WordNetLexnameClustering"]["glosses"] <= 1200
     scores = np.array(tasks[2].dataset["test"]["score"])
     assert np.bincount(np.minimum(scores.astype(int), 4)).tolist() == [100] * 5

@@ -10,7 +10,8 @@ name                                      type                what it measures
                                                               ``verb.motion``, ...), logistic-regression probe
 ``WordNetSameLemmaPairClassification``    PairClassification  do two glosses define senses of the same word?
 ``WordNetWuPalmerSTS``                    STS                 noun gloss pairs scored ``5 * Wu-Palmer``
-``WordNetExampleRetrieval``               Retrieval           example sentence -> the gloss of its synset
+``WordNetExampleRetrieval``               Retrieval           word in an example sentence -> its sense
+                                                              (headwords + gloss) among the word's senses
 ``WordNetLexnameClustering``              Clustering          glosses clustered by lexicographer file
 ========================================  ==================  ==============================================
 
@@ -61,9 +62,9 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from .wordnet import DATA_FILES, Synset, WordNet, find_wordnet_dir, load_wordnet, split_of
+from .wordnet import DATA_FILES, POS_NAMES, Synset, WordNet, find_wordnet_dir, load_wordnet, split_of
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bumped whenever the sampling logic changes, so that the dataset revision changes with it."""
 
 WORDNET_TASKS = (
@@ -81,8 +82,8 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "WordNetSameLemmaPairClassification": {"n_pairs": 800},
     # Five score bins [0,1), [1,2), ..., [4,5] of equal size.
     "WordNetWuPalmerSTS": {"n_pairs": 500},
-    # The corpus holds the queries' glosses, other senses of their words, then random glosses.
-    "WordNetExampleRetrieval": {"n_queries": 400, "n_corpus": 2000},
+    # The corpus holds the queries' senses, the other senses of their words, then random synsets.
+    "WordNetExampleRetrieval": {"n_queries": 400, "n_corpus": 1000},
     # ~37 lexnames with >= 28 synsets: ~1000 glosses.
     "WordNetLexnameClustering": {"per_label": 28},
 }
@@ -311,40 +312,67 @@ def build_wup_sts(
     return out
 
 
+def sense_document(s: Synset) -> str:
+    """A corpus document of :func:`build_example_retrieval`: the synset's headwords, part of speech
+    and gloss, in the form of the demo model's pretraining documents without their examples.
+
+    Example:
+        >>> sense_document(Synset("n1", "n", "noun.act", ("disaster",), "an act that has disastrous consequences", ("a real disaster",), ()))
+        'disaster (noun): an act that has disastrous consequences.'
+    """
+    return f"{', '.join(s.lemmas)} ({POS_NAMES[s.pos]}): {s.definition}."
+
+
 def build_example_retrieval(
     wordnet: WordNet, *, split: str = "heldout", seed: int = 0, heldout_fraction: float = 0.1,
-    n_queries: int = 400, n_corpus: int = 2000,
+    n_queries: int = 400, n_corpus: int = 1000,
 ) -> dict[str, Any]:
-    """Queries are example sentences (one per synset, chosen at random among its examples); the
-    corpus holds glosses: those of the query synsets, then glosses of other senses of the queries'
-    words (hard distractors), then random glosses, up to ``n_corpus`` documents. Each query's one
-    relevant document is its own synset's gloss (document id = synset id).
+    """Word sense retrieval: a word in context -> the gloss of its sense.
 
-    Returns ``{"corpus": {"id", "text"}, "queries": {"id", "text"}, "relevant_docs": {qid: {docid: 1}}}``.
+    Queries are ``"word (pos): example."``: an example sentence of a synset (one per synset,
+    chosen at random among its examples) with the word it illustrates, a lemma of the synset that
+    has at least one other sense of the same part of speech in the pool (so every query has hard
+    distractors). Documents are :func:`sense_document` (``"lemma1, lemma2 (pos): gloss."``): those
+    of the query synsets, then one other sense of each query's word, then the other senses of the
+    queries' words (hard distractors: they carry the same headword, so only the gloss tells them
+    apart), then random synsets, up to ``n_corpus`` documents. Each query's one relevant document is its own synset's (document id = synset id).
+    Example sentences never appear in the corpus.
+
+    Returns ``{"corpus": {"id", "text"}, "queries": {"id", "text", "word"}, "relevant_docs": {qid: {docid: 1}}}``.
     """
     if n_queries < 1 or n_corpus < n_queries:
         raise ValueError("need n_queries >= 1 and n_corpus >= n_queries")
     pool = synset_pool(wordnet, split, heldout_fraction)
     rng = _rng("WordNetExampleRetrieval", seed)
-    with_examples = [s for s in pool if s.examples]
-    rng.shuffle(with_examples)
-    queries: list[tuple[str, str, Synset]] = []
-    query_texts: set[str] = set()
-    for s in with_examples:
-        if len(queries) == n_queries:
-            break
-        example = rng.choice(s.examples)
-        if example not in query_texts:
-            query_texts.add(example)
-            queries.append((f"q-{s.id}", example, s))
-
-    corpus = {s.id: s for _, _, s in queries}
     senses: dict[tuple[str, str], list[Synset]] = defaultdict(list)
     for s in pool:
         for key in sorted(_lemma_keys(s)):
             senses[key].append(s)
-    hard = sorted({o.id for _, _, s in queries for key in _lemma_keys(s) for o in senses[key]} - corpus.keys())
+    candidates = []
+    for s in pool:
+        # The synset's first lemma (WordNet's order) that names another sense too.
+        word = next((l for l in s.lemmas if len(senses[(s.pos, l.lower())]) >= 2), None)
+        if s.examples and word is not None:
+            candidates.append((s, word))
+    rng.shuffle(candidates)
+    queries: list[tuple[str, str, str, Synset]] = []
+    query_texts: set[str] = set()
+    for s, word in candidates:
+        if len(queries) == n_queries:
+            break
+        text = f"{word} ({POS_NAMES[s.pos]}): {rng.choice(s.examples)}."
+        if text not in query_texts:
+            query_texts.add(text)
+            queries.append((f"q-{s.id}", text, word, s))
+
+    corpus = {s.id: s for _, _, _, s in queries}
+    # Hard distractors: first one other sense of every query's word (so each query has one even
+    # when a very polysemous word's senses outnumber the room left), then all the others.
+    others = [sorted(o.id for o in senses[(s.pos, word.lower())] if o.id != s.id) for _, _, word, s in queries]
+    first = [rng.choice(ids) for ids in others]
+    hard = sorted({i for ids in others for i in ids} - set(first) - corpus.keys())
     rng.shuffle(hard)
+    hard = first + hard
     rest = [s.id for s in pool if s.id not in corpus]
     rng.shuffle(rest)
     for synset_id in hard + rest:
@@ -354,9 +382,10 @@ def build_example_retrieval(
     doc_ids = sorted(corpus)
     rng.shuffle(doc_ids)
     return {
-        "corpus": {"id": doc_ids, "text": [corpus[d].definition for d in doc_ids]},
-        "queries": {"id": [q for q, _, _ in queries], "text": [t for _, t, _ in queries]},
-        "relevant_docs": {q: {s.id: 1} for q, _, s in queries},
+        "corpus": {"id": doc_ids, "text": [sense_document(corpus[d]) for d in doc_ids]},
+        "queries": {"id": [q for q, _, _, _ in queries], "text": [t for _, t, _, _ in queries],
+                    "word": [w for _, _, w, _ in queries]},
+        "relevant_docs": {q: {s.id: 1} for q, _, _, s in queries},
     }
 
 
@@ -463,23 +492,25 @@ class WordNetWuPalmerSTS(_WordNetTask, AbsTaskSTS):
 
 
 class WordNetExampleRetrieval(_WordNetTask, AbsTaskRetrieval):
-    """Example sentence -> the gloss of the synset it illustrates."""
+    """A word in an example sentence -> its sense: ``"word (pos): example."`` -> ``"lemmas (pos): gloss."``."""
 
     _builder = staticmethod(build_example_retrieval)
     _summary = (
-        "Retrieve, for a WordNet example sentence (query), the gloss of the word sense it "
-        "illustrates, from a corpus of glosses that also holds the other senses of the query "
-        "synsets' words (hard distractors) and random glosses. One relevant document per query."
+        "Word sense retrieval: for a query 'word (pos): example sentence.' taken from WordNet, "
+        "retrieve the sense the example illustrates, among documents 'lemma1, lemma2 (pos): gloss.' "
+        "that hold every other sense of the query's word (hard distractors: same headword, another "
+        "gloss) and random synsets. Every query's word has at least two senses; one relevant "
+        "document per query; example sentences never appear in the corpus."
     )
 
     def _to_dataset(self, built: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
         split_data = {
             "corpus": Dataset.from_dict({**built["corpus"], "title": [""] * len(built["corpus"]["id"])}),
-            "queries": Dataset.from_dict(built["queries"]),
+            "queries": Dataset.from_dict({k: built["queries"][k] for k in ("id", "text")}),
             "relevant_docs": built["relevant_docs"],
             "top_ranked": None,
         }
-        stats = {"queries": len(built["queries"]["id"]), "corpus glosses": len(built["corpus"]["id"])}
+        stats = {"queries": len(built["queries"]["id"]), "corpus senses": len(built["corpus"]["id"])}
         return {"default": {"test": split_data}}, stats
 
 
@@ -526,7 +557,7 @@ _METADATA: dict[str, dict[str, Any]] = {
     ),
     "WordNetExampleRetrieval": dict(
         type="Retrieval", category="t2t", main_score="ndcg_at_10", annotations_creators="expert-annotated",
-        prompt={"query": "Given an example sentence, retrieve the dictionary definition of the word sense it uses"},
+        prompt={"query": "Given a word and an example sentence, retrieve the dictionary entry of the word sense it uses"},
     ),
     "WordNetLexnameClustering": dict(
         type="Clustering", category="t2c", main_score="v_measure", annotations_creators="expert-annotated",
@@ -693,6 +724,7 @@ __all__ = [
     "build_lexname_clustering",
     "build_same_lemma_pairs",
     "build_wup_sts",
+    "sense_document",
     "get_wordnet_task",
     "remove_stale_results",
     "synset_pool",
