@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-demo", action="store_true", help="leave out the shipped demo model")
     p.add_argument("--batch-size", type=int, default=32,
                    help="texts per forward; in reference mode also the batch of the z-scores (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: %(default)s; the scores do not depend on it beyond float rounding)")
     p.add_argument("--quick", action="store_true", help="smoke run: few cells, one task seed, two small tasks")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the cached cells only")
     p.add_argument("--wordnet", help="folder of WordNet's data.* files (default: $HF_MOE_PATCH_WORDNET or /usr/share/wordnet)")
@@ -154,6 +156,7 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     all_cells = cells(args.quick)
     for name, path in model_list(args):
@@ -396,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "issue": 11, "experiment": 2, "command": "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])]),
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": time.perf_counter() - started, "environment": machine_info(),
-        "settings": {"task_seeds": args.task_seeds, "batch_size": args.batch_size, "quick": args.quick,
+        "settings": {"task_seeds": args.task_seeds, "batch_size": args.batch_size, "quick": args.quick, "threads": args.threads,
                      "tasks": list(QUICK_SIZES) if args.quick else list(TASKS), "task_sizes": QUICK_SIZES if args.quick else "defaults"},
         "rows": rows,
     }
