@@ -134,3 +134,29 @@ def verdict(diffs: Sequence[float], *, better: str = "higher") -> str:
     if all(sign * d < 0 for d in vals) and sign * mean < -2 * se:
         return "does not hold"
     return "inconclusive"
+
+
+def apply_defaults(args: Any, defaults: dict[str, Any]) -> Any:
+    """Fill every flag the user did not give (None) from ``defaults`` (the full run's or --quick's);
+    values are deep-copied, so a run never edits the defaults."""
+    import copy
+
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, copy.deepcopy(value))
+    return args
+
+
+def setup_run(log_level: str) -> None:
+    """Logging for an experiment: its own lines at ``log_level``, the libraries' at WARNING; their
+    UserWarning/FutureWarning noise off; the Hub off (everything here is local)."""
+    import logging
+    import warnings
+
+    logging.basicConfig(level=getattr(logging, log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for noisy in ("hf_moe_patch", "hf_moe_patch.progress", "mteb", "datasets", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -56,7 +56,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, fmt_duration, key_of, machine_info, quantiles, read_json, slug, write_json  # noqa: E402
+from _common import (ROOT, apply_defaults, fmt_duration, key_of, machine_info, quantiles, read_json,  # noqa: E402
+                     setup_run, slug, write_json)
 DEFAULT_OUT = ROOT / "eval" / "results" / "dynamic_compute"
 SCRIPT = "eval/dynamic_compute.py"
 
@@ -198,10 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags not given from the full or the quick defaults; check the values."""
-    defaults = QUICK if args.quick else FULL
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, copy.deepcopy(value))
+    apply_defaults(args, QUICK if args.quick else FULL)
     for name in ("ppl_batch_size", "calibration_docs", "mteb_batch_size", "timing_blocks", "timing_rounds",
                  "gen_prompts", "max_new_tokens", "gen_rounds"):
         if getattr(args, name) < 1:
@@ -1031,15 +1029,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = resolve(build_parser().parse_args(argv))
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
-    for noisy in ("hf_moe_patch", "hf_moe_patch.progress", "mteb", "datasets", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_run(args.log_level)
     started = time.perf_counter()
 
     import torch

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -40,7 +39,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, fmt_duration, machine_info, mean_std, read_json, slug, verdict, write_json, write_text  # noqa: E402
+from _common import (ROOT, fmt_duration, machine_info, mean_std, read_json, setup_run, slug, verdict,  # noqa: E402
+                     write_json, write_text)  # noqa: E402
 
 SCRIPT = "eval/moee_embeddings.py"
 DEFAULT_OUT = ROOT / "eval" / "results" / "moee_embeddings"
@@ -383,8 +383,7 @@ def figures(results: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_run(args.log_level)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

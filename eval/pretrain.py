@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, machine_info, mean_std, read_json, verdict, write_json  # noqa: E402
+from _common import ROOT, apply_defaults, machine_info, mean_std, read_json, verdict, write_json  # noqa: E402
 DEFAULT_OUT = ROOT / "eval" / "results" / "pretrain"
 SCRIPT = "eval/pretrain.py"
 
@@ -164,10 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    defaults = QUICK if args.quick else FULL
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, list(value) if isinstance(value, list) else value)
+    apply_defaults(args, QUICK if args.quick else FULL)
     args.routers = args.routers or list(ROUTERS)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_experts",
                 "num_experts_per_tok", "block_size", "batch_size", "steps", "eval_blocks", "eval_batch_size", "log_every",
@@ -279,19 +276,12 @@ def train_one(args: argparse.Namespace, data: Data, router: str, seed: int, out:
 
     import hf_moe_patch as hmp
     from hf_moe_patch.lm import perplexity
+    from hf_moe_patch.training.demo_model import optimizer_and_schedule, training_step
 
     method, _, aux_coef, inference = ROUTERS[router]
     model, options = build_model(args, router, seed, data.tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay)
-
-    def lr_at(step: int) -> float:  # as the demo model: linear warm-up, cosine to 10%
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    # The demo model's optimizer, schedule and step.
+    optimizer, scheduler = optimizer_and_schedule(model, args.learning_rate, args.weight_decay, args.warmup_steps, args.steps)
     blocks = data.train_blocks
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
     history: list[dict[str, Any]] = []
@@ -306,14 +296,8 @@ def train_one(args: argparse.Namespace, data: Data, router: str, seed: int, out:
     try:
         for step in range(args.steps):
             rows = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]
-            batch = blocks[rows]
             t0 = time.perf_counter()
-            output = model(input_ids=batch, labels=batch)
-            output.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            output = training_step(model, optimizer, scheduler, blocks[rows])
             step_times.append(time.perf_counter() - t0)
             losses.append(float(output.loss.detach()))
             aux = getattr(output, "aux_loss", None)

@@ -48,9 +48,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
-import os
 import shlex
 import statistics
 import sys
@@ -61,7 +59,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, fmt_duration, key_of, machine_info, mean_std, read_json, slug, verdict, write_json  # noqa: E402
+from _common import (ROOT, apply_defaults, fmt_duration, key_of, machine_info, mean_std, read_json,  # noqa: E402
+                     setup_run, slug, verdict, write_json)
 DEFAULT_OUT = ROOT / "eval" / "results" / "robustness"
 DEFAULT_MODELS_GLOB = "eval/results/pretrain/models/topk_aux_seed*"
 SCRIPT = "eval/robustness.py"
@@ -163,10 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    defaults = QUICK if args.quick else FULL
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, copy.deepcopy(value))
+    apply_defaults(args, QUICK if args.quick else FULL)
     if NATIVE not in args.routers:
         args.routers = [NATIVE, *args.routers]
     args.routers = [r for r in ROUTER_KEYS if r in args.routers]
@@ -626,15 +622,7 @@ def markdown(results: dict[str, Any], demo_routers: list[Router], trained_router
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = resolve(build_parser().parse_args(argv))
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
-    for noisy in ("hf_moe_patch", "hf_moe_patch.progress", "mteb", "datasets", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_run(args.log_level)
     started = time.perf_counter()
 
     import torch

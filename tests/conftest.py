@@ -162,3 +162,19 @@ def make_call(logits, native=None, step=None, layer=0):
         layer=layer,
     )
     return call, record
+
+
+EVAL_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "eval"
+
+
+def load_eval_script(name: str):
+    """An experiment script of eval/ as a module (registered in sys.modules under ``name``, as
+    dataclasses and pickling need)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, EVAL_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_eval_script
 
 
 def test_claims_block_lists_each_experiment_verdict_and_replaces_itself(tmp_path):
-    pretrain, claims = load("pretrain"), load("claims")
+    pretrain, claims = load_eval_script("pretrain"), load_eval_script("claims")
     results = tmp_path / "results"
     assert pretrain.main(["--quick", "--routers", "topk_aux", "ssr_p0.1", "--seeds", "0", "1", "--out",
                           str(results / "pretrain"), "--log-level", "WARNING"]) == 0

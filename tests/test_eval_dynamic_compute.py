@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "dynamic_compute.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("dynamic_compute", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dynamic_compute"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_help_names_every_flag(capsys):
-    script = load_script()
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
-    for action in script.build_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in text
+from conftest import load_eval_script
 
 
 def test_pareto_front_and_spearman_by_hand():
-    script = load_script()
+    script = load_eval_script("dynamic_compute")
     pts = [("a", 1.0, 30.0), ("b", 2.0, 20.0), ("c", 2.0, 25.0), ("d", 4.0, 20.0), ("e", 4.0, 10.0)]
     assert script.pareto(pts, lower_is_better=True) == ["a", "b", "e"]
     assert script.pareto([(l, x, -y) for l, x, y in pts], lower_is_better=False) == ["a", "b", "e"]
@@ -43,7 +21,7 @@ def test_pareto_front_and_spearman_by_hand():
 
 @pytest.mark.slow
 def test_quick_run_writes_sane_results_and_resumes(tmp_path):
-    script = load_script()
+    script = load_eval_script("dynamic_compute")
     out = tmp_path / "dc"
     assert script.main(["--quick", "--out", str(out)]) == 0
     for name in ("results.json", "README.md", "pareto_perplexity.png", "pareto_mteb.png", "pareto_time.png"):

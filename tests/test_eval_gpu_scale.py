@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "gpu_scale.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_scale"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_help_names_every_flag(capsys):
-    script = load_script()
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
-    for action in script.build_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in text
+from conftest import load_eval_script
 
 
 def test_missing_cuda_device_fails_at_once_with_a_clear_message(monkeypatch, tmp_path):
     import torch
 
-    script = load_script()
+    script = load_eval_script("gpu_scale")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
         script.main(["--device", "cuda", "--out", str(tmp_path / "gs")])
@@ -44,7 +22,7 @@ def test_missing_cuda_device_fails_at_once_with_a_clear_message(monkeypatch, tmp
 
 
 def test_quick_cpu_run_writes_every_router_with_finite_ratios(tmp_path):
-    script = load_script()
+    script = load_eval_script("gpu_scale")
     out = tmp_path / "gs"
     assert script.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
     for name in ("results.json", "README.md", "gpu_scale.png"):
@@ -80,7 +58,7 @@ def test_a_failing_router_is_reported_and_left_out(monkeypatch, tmp_path):
     lose the others' numbers."""
     import hf_moe_patch as hmp
 
-    script = load_script()
+    script = load_eval_script("gpu_scale")
     original = hmp.patch
 
     def patch(model, method=None, **options):

@@ -3,26 +3,18 @@ from its own measurements, and a rerun reads every cell back from the cache."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "moee_embeddings.py"
+from conftest import EVAL_DIR, load_eval_script
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "wordnet"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("moee_embeddings", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moee_embeddings"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_run_reports_measured_cells_and_reuses_the_cache(tmp_path):
-    script = load_script()
+    script = load_eval_script("moee_embeddings")
     out = tmp_path / "moee"
     args = ["--quick", "--out", str(out), "--wordnet", str(FIXTURE), "--log-level", "WARNING", "--models"]
     assert script.main(args) == 0
@@ -44,7 +36,7 @@ def test_quick_run_reports_measured_cells_and_reuses_the_cache(tmp_path):
 
 
 def test_verdict_needs_every_seed_and_two_standard_errors():
-    sys.path.insert(0, str(SCRIPT.parent))
+    sys.path.insert(0, str(EVAL_DIR))
     from _common import verdict
 
     assert verdict([1.0, 1.2, 0.9]) == "holds"

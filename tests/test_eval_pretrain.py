@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "pretrain.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("eval_pretrain", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_pretrain"] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_eval_script
 
 
 def test_compare_verdicts_by_hand():
-    script = load_script()
+    script = load_eval_script("pretrain")
     assert script.compare({0: 1.0, 1: 1.1, 2: 0.9}, {0: 2.0, 1: 2.1, 2: 1.9})[0] == "holds"
     assert script.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.0, 1: 1.1, 2: 0.9})[0] == "does not hold"
     assert script.compare({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 2.5, 2: 0.5})[0] == "inconclusive"
@@ -31,7 +19,7 @@ def test_compare_verdicts_by_hand():
 
 
 def test_quick_run_writes_finite_results_resumes_and_reports(tmp_path):
-    script = load_script()
+    script = load_eval_script("pretrain")
     out = tmp_path / "pt"
     routers = ["topk_aux", "ssr_p0.1"]
     argv = ["--quick", "--out", str(out), "--routers", *routers, "--seeds", "0", "--log-level", "WARNING"]
@@ -72,12 +60,3 @@ def test_quick_run_writes_finite_results_resumes_and_reports(tmp_path):
     assert (out / "README.md").is_file()
 
 
-def test_help_names_every_flag(capsys):
-    script = load_script()
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
-    for action in script.build_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in text

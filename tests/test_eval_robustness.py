@@ -3,39 +3,18 @@ demo model and the after-training part on two stand-in checkpoints, then a resum
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "robustness.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("robustness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["robustness"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_help_names_every_flag(capsys):
-    script = load_script()
-    with pytest.raises(SystemExit) as exc:
-        script.main(["--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
-    for action in script.build_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in text
+from conftest import load_eval_script
 
 
 def test_bad_flags_fail_before_any_work(tmp_path):
-    script = load_script()
+    script = load_eval_script("robustness")
     with pytest.raises(SystemExit, match="--rates"):
         script.main(["--quick", "--rates", "1.5", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="not a transformers checkpoint"):
@@ -69,7 +48,7 @@ def make_checkpoints(tmp_path: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_quick_run_writes_sane_results_and_resumes(tmp_path):
-    script = load_script()
+    script = load_eval_script("robustness")
     out = tmp_path / "rb"
     models = make_checkpoints(tmp_path)
     argv = ["--quick", "--out", str(out), "--models", *map(str, models)]
@@ -119,7 +98,7 @@ def test_quick_run_writes_sane_results_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_without_checkpoints_says_so(tmp_path):
-    script = load_script()
+    script = load_eval_script("robustness")
     out = tmp_path / "rb"
     assert script.main(["--quick", "--no-mteb", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -236,6 +236,38 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
     return label_perplexity(model, ({"input_ids": b, "labels": b} for b in blocks.split(batch_size)))
 
 
+def optimizer_and_schedule(model, learning_rate: float, weight_decay: float, warmup_steps: int, steps: int):
+    """The demo model's AdamW (betas 0.9, 0.95) and learning-rate schedule: linear warm-up over
+    ``warmup_steps``, then a cosine from the full rate down to 10 % of it at ``steps``.
+
+    Example:
+        >>> opt, sched = optimizer_and_schedule(torch.nn.Linear(2, 2), 1e-3, 0.1, warmup_steps=10, steps=100)
+        >>> sched.get_last_lr()
+        [0.0001]
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def training_step(model, optimizer, scheduler, batch: torch.Tensor):
+    """One language-modelling step on ``batch`` (its own labels): backward, gradient norm clipped
+    to 1, optimizer and schedule step; returns the model's output."""
+    output = model(input_ids=batch, labels=batch)
+    output.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return output
+
+
 def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs | None = None,
                      wordnet: WordNet | None = None, progress: bool = True, force: bool = False) -> Path:
     """Pretrain the demo model from nothing and save it (weights in bf16, a few MB) with its
@@ -279,16 +311,7 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
     config = build_config(args, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.output_router_logits = True  # adds the auxiliary loss to the loss
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress_ = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    optimizer, scheduler = optimizer_and_schedule(model, args.learning_rate, args.weight_decay, args.warmup_steps, args.steps)
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(args.seed))
     history: list[dict[str, float]] = []
     model.train()
@@ -296,13 +319,7 @@ def train_demo_model(out_dir: str | Path | None = None, args: DemoTrainingArgs |
     bar = tqdm(range(args.steps), desc=f"pretraining {args.arch} demo model", disable=not progress)
     for step in bar:
         rows = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]
-        batch = train_blocks[rows]
-        output = model(input_ids=batch, labels=batch)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        output = training_step(model, optimizer, scheduler, train_blocks[rows])
         if step % 25 == 0 or step == args.steps - 1:
             aux = float(output.aux_loss.detach()) if getattr(output, "aux_loss", None) is not None else float("nan")
             history.append({"step": step, "loss": float(output.loss.detach()), "aux_loss": aux, "seconds": time.perf_counter() - start})
