@@ -160,3 +160,12 @@ def setup_run(log_level: str) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def task_build(wordnet: str | None = None) -> dict[str, Any]:
+    """What the local WordNet tasks are built from: the sampling code's build version and the
+    WordNet files' fingerprint. Part of every cache key that holds MTEB scores, so that a result
+    of another task build is measured again instead of reused."""
+    from hf_moe_patch.data.wordnet_tasks import BUILD_VERSION, wordnet_fingerprint
+
+    return {"wordnet_tasks_build": BUILD_VERSION, "wordnet": wordnet_fingerprint(wordnet)}

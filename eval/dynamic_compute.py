@@ -57,7 +57,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
 from _common import (ROOT, apply_defaults, fmt_duration, key_of, machine_info, quantiles, read_json,  # noqa: E402
-                     setup_run, slug, write_json)
+                     setup_run, slug, task_build, write_json)
 DEFAULT_OUT = ROOT / "eval" / "results" / "dynamic_compute"
 SCRIPT = "eval/dynamic_compute.py"
 
@@ -1081,6 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     measure_settings = {**{k: settings[k] for k in measure_keys}, "torch": env["torch"],
                         "transformers": env["transformers"], "hf_moe_patch": env["hf_moe_patch"]}
     measure_settings["calibration_format"] = args.calibration_format
+    if not args.no_mteb:
+        measure_settings["task_build"] = task_build(args.wordnet)
     skey = key_of(measure_settings)
     log.info("%d routings on %s (%d held-out blocks x %d tokens; MTEB %s; timing %s) -> %s", len(routings),
              settings["model"], settings["eval_blocks"], data.block_size,

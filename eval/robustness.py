@@ -60,7 +60,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
 from _common import (ROOT, apply_defaults, fmt_duration, key_of, machine_info, mean_std, read_json,  # noqa: E402
-                     setup_run, slug, verdict, write_json)
+                     setup_run, slug, task_build, verdict, write_json)
 DEFAULT_OUT = ROOT / "eval" / "results" / "robustness"
 DEFAULT_MODELS_GLOB = "eval/results/pretrain/models/topk_aux_seed*"
 SCRIPT = "eval/robustness.py"
@@ -290,6 +290,7 @@ def run_model(name: str, model, tokenizer, block_size: int, fp: str, routers: li
         hmp.check_routing(model, r.method, **r.options)
     docs = heldout_documents(tokenizer, block_size, args.eval_blocks, args.wordnet)
     settings = {"model": name, "fingerprint": fp, "eval_blocks": args.eval_blocks, "block_size": block_size,
+                "task_build": task_build(args.wordnet) if with_mteb else None,
                 "ppl_batch_size": args.ppl_batch_size, "docs": len(docs), "seed": args.seed, "mteb": with_mteb,
                 "tasks": list(args.tasks) if with_mteb else None, "task_sizes": args.task_sizes if with_mteb else None,
                 "mteb_batch_size": args.mteb_batch_size if with_mteb else None, "torch": env["torch"],

@@ -110,6 +110,7 @@ SLOW_TESTS = {
     "test_offline_a_hub_model_task_or_data_set_fails_at_once_saying_what_to_use",
     "test_mteb_checks_every_argument_before_loading_the_model",
     "test_quick_run_reports_measured_cells_and_reuses_the_cache",
+    "test_cells_of_another_task_build_are_measured_again",
     "test_reference_runs_score_what_mteb_gives_the_reference_encoder",
     "test_mteb_reference_flag_runs_the_official_pipeline",
     "test_reference_classification_averages_the_hs_and_rw_predictions",

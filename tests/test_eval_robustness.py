@@ -105,3 +105,18 @@ def test_quick_run_without_checkpoints_says_so(tmp_path):
     assert results["trained"]["models"] == [] and "--models" in results["trained"]["note"]
     assert "No checkpoints evaluated" in (out / "README.md").read_text()
     assert not (out / "robustness_trained.png").exists()
+
+
+def test_cells_of_another_task_build_are_measured_again(tmp_path, monkeypatch):
+    """A cached MTEB cell is reused only for the same WordNet task build (issue 11 changed a task)."""
+    import hf_moe_patch.data.wordnet_tasks as wordnet_tasks
+
+    script = load_eval_script("robustness")
+    argv = ["--quick", "--out", str(tmp_path / "rb"), "--routers", "native", "--kinds", "junk"]
+    assert script.main(argv) == 0
+    assert script.main(argv) == 0
+    assert json.loads((tmp_path / "rb" / "results.json").read_text())["cells_computed"] == 0
+    monkeypatch.setattr(wordnet_tasks, "BUILD_VERSION", wordnet_tasks.BUILD_VERSION + 1)
+    assert script.main(argv) == 0
+    results = json.loads((tmp_path / "rb" / "results.json").read_text())
+    assert results["cells_computed"] == results["cells_total"] == 2
