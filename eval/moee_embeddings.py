@@ -54,6 +54,7 @@ PROMPTS = ("none", "prompteol")
 ROUTERS = ("topk", "usmoe", "expert_choice")
 ALPHAS = (0.0, 0.3, 0.5, 0.7, 1.0)
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+GROUPS = ("embedding", "router", "alpha", "sum_weight")
 QUICK_SIZES = {"WordNetWuPalmerSTS": {"n_pairs": 40}, "WordNetLexnameClustering": {"per_label": 4}}
 
 log = logging.getLogger("moee_embeddings")
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="WordNet task sampling seeds for the demo model (default: 0 1 2); trained models use the first")
     p.add_argument("--no-demo", action="store_true", help="leave out the shipped demo model")
+    p.add_argument("--trained-groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                   help="the groups of cells measured on the trained models (default: all: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="texts per forward; in reference mode also the batch of the z-scores (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -163,9 +166,10 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         seeds = args.task_seeds[:1] if (args.quick or name != "demo") else args.task_seeds
+        model_cells = all_cells if name == "demo" else [c for c in all_cells if c.group in args.trained_groups]
         for seed in seeds:
             by_setting: dict[Setting, list[str]] = {}
-            for cell in all_cells:
+            for cell in model_cells:
                 by_setting.setdefault(cell.setting, [])
                 if cell.routing not in by_setting[cell.setting]:
                     by_setting[cell.setting].append(cell.routing)
@@ -173,7 +177,7 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             for i, (setting, routings) in enumerate(by_setting.items(), 1):
                 log.info("%s task seed %d: setting %d/%d %s (%s)", name, seed, i, len(by_setting), setting, ", ".join(routings))
                 scores = run_setting(model, tokenizer, setting, routings, seed, args, out / "mteb_cache" / slug(name))
-                for cell in all_cells:
+                for cell in model_cells:
                     if cell.setting == setting:
                         per_task = scores[cell.routing]
                         rows.append({"model": name, "task_seed": seed, "group": cell.group, "routing": cell.routing,
@@ -282,7 +286,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Scores are the mean over the WordNet tasks of mteb's main scores, x100. **Seeds:** on the demo model, the "
         f"WordNet task sampling seeds {results['settings']['task_seeds']} (same model); on the trained models, one "
-        "model per training seed (task seed " f"{results['settings']['task_seeds'][0]}). Each cell is mean ± sample std "
+        "model per training seed (task seed " f"{results['settings']['task_seeds'][0]}; groups measured there: "
+        f"{', '.join(results['settings'].get('trained_groups') or GROUPS)}). Each cell is mean ± sample std "
         "over those seeds, n = number of seeds. Verdicts: *holds* when the paired difference has the claimed sign on "
         "every seed and its mean is more than 2 standard errors from 0, *does not hold* when the same is true "
         "against the claim, else *inconclusive*.",
@@ -398,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "issue": 11, "experiment": 2, "command": "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])]),
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": time.perf_counter() - started, "environment": machine_info(),
-        "settings": {"task_seeds": args.task_seeds, "batch_size": args.batch_size, "quick": args.quick, "threads": args.threads,
+        "settings": {"task_seeds": args.task_seeds, "trained_groups": args.trained_groups, "batch_size": args.batch_size, "quick": args.quick, "threads": args.threads,
                      "tasks": list(QUICK_SIZES) if args.quick else list(TASKS), "task_sizes": QUICK_SIZES if args.quick else "defaults"},
         "rows": rows,
     }
