@@ -265,3 +265,15 @@ def test_reference_encoder_and_wrapped_tasks_pickle(demo):
         back = pickle.loads(pickle.dumps(task))
         assert type(back).__name__ == type(task).__name__ and back.metadata.name == task.metadata.name
         assert (back._moee_hidden_size, back._moee_sum_weight) == (task._moee_hidden_size, task._moee_sum_weight)
+
+
+def test_reference_with_one_text_per_batch_warns_that_it_gives_zeros(demo, caplog):
+    model, tokenizer = demo
+    with caplog.at_level("WARNING", logger="hf_moe_patch.embeddings.moee"):
+        enc = MoEEncoder(model, tokenizer, reference=True, batch_size=1, progress=False)
+    assert "all zeros" in caplog.text
+    assert not enc.embed(["a cat", "a dog"], instruction="").any()  # as the official code: NaN -> 0
+    with caplog.at_level("WARNING", logger="hf_moe_patch.embeddings.moee"):
+        caplog.clear()
+        MoEEncoder(model, tokenizer, reference=True, embedding="hs", batch_size=1, progress=False)
+    assert "all zeros" not in caplog.text  # HS is never standardised

@@ -373,6 +373,11 @@ class MoEEncoder(AbsEncoder):
         self.tokenizer = tokenizer
         self.family = family_of(model)
         self.reference = reference
+        if reference and batch_size < 2 and embedding != "hs":
+            # The reference z-scores over each batch: one text per batch standardises to zeros.
+            logger.warning("reference=True with batch_size=%d: every %s embedding will be all zeros (the reference "
+                           "z-scores each feature over a batch; use batch_size >= 2, the official runs used 128)",
+                           batch_size, embedding)
         # The reference's instructions are on by default (its --no_instruction turns them off).
         self.instruction = (TASK_INSTRUCTION if instruction is None else instruction or None) if reference else instruction or None
         self.sum_weight = weight
