@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/_common.py, also when loaded by path
-from _common import ROOT, apply_defaults, machine_info, mean_std, read_json, verdict, write_json  # noqa: E402
+from _common import ROOT, apply_defaults, machine_info, mean_std, quantiles, read_json, verdict, write_json  # noqa: E402
 DEFAULT_OUT = ROOT / "eval" / "results" / "pretrain"
 SCRIPT = "eval/pretrain.py"
 
@@ -108,7 +108,7 @@ METRICS = {
     "char_ppl_ratio": "perplexity ratio char-corrupted / clean",
     "train_maxvio": "training MaxVio (top-k), mean over the second half of training",
     "train_maxvio_top1": "training MaxVio (top-1), mean over the second half of training",
-    "step_time_rel": "step time relative to topk_aux",
+    "step_time_rel": "training step time relative to topk_aux (interleaved timing; pairs are timing rounds)",
 }
 CLAIMS = [
     ("SSR (p=0.001) reaches a lower validation perplexity than top-k with aux loss", "ssr_p0.001", "topk_aux", "val_ppl"),
@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs trained at once, each in its own process with --threads threads (default: %(default)s: "
                         "one per core of a 2-core machine)")
     p.add_argument("--no-report", action="store_true", help="train only; leave the report to a later run")
+    p.add_argument("--timing-only", action="store_true",
+                   help="train nothing: measure every router's training step interleaved in one process (timing.json), "
+                        "then write the report")
+    p.add_argument("--timing-rounds", type=int, default=8, help="interleaved rounds of the step timing (default: %(default)s)")
+    p.add_argument("--timing-steps", type=int, default=10, help="training steps per router per round (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="retrain the selected runs even when their JSON exists")
     for key, value in FULL.items():
         if key == "seeds":
@@ -235,7 +240,7 @@ class Data:
 
 # --- one run -----------------------------------------------------------------------------------
 
-def build_model(args: argparse.Namespace, router: str, seed: int, tokenizer):
+def build_model(args: argparse.Namespace, router: str, seed: int, tokenizer, state_dict: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -252,6 +257,8 @@ def build_model(args: argparse.Namespace, router: str, seed: int, tokenizer):
     config = build_config(demo_args, tokenizer)
     torch.manual_seed(seed)  # same seed: the same initial weights for every router
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     # The aux loss enters the loss only with output_router_logits (and a coefficient > 0).
     model.config.output_router_logits = aux_coef > 0
     if method == "ssr":
@@ -415,16 +422,10 @@ def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, float | None
     return verdict(diffs, better="lower"), s["mean"], se, len(diffs)
 
 
-def aggregate(runs: list[dict]) -> dict[str, Any]:
+def aggregate(runs: list[dict], timing: dict[str, Any] | None = None) -> dict[str, Any]:
     by_router: dict[str, list[dict]] = {}
     for run in runs:
         by_router.setdefault(run["router"], []).append(run)
-    base_time = {r["seed"]: r["step_time_median"] for r in by_router.get(BASELINE, [])}
-    base_mean = statistics.fmean(base_time.values()) if base_time else None
-    for run in runs:
-        # Paired by seed where the baseline of that seed exists, else against the baseline's mean.
-        ref = base_time.get(run["seed"], base_mean)
-        run["step_time_rel"] = run["step_time_median"] / ref if ref else None
     table: dict[str, Any] = {}
     for router in ROUTERS:
         rs = sorted(by_router.get(router, []), key=lambda r: r["seed"])
@@ -432,7 +433,7 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
             continue
         row: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "inference_routing": rs[0]["inference_routing"]}
         for key in ("val_ppl", "junk_ppl", "char_ppl", "junk_ppl_ratio", "char_ppl_ratio", "train_maxvio",
-                    "train_maxvio_top1", "train_dead_experts_last", "step_time_median", "step_time_rel", "train_seconds",
+                    "train_maxvio_top1", "train_dead_experts_last", "step_time_median", "train_seconds",
                     "final_train_loss"):
             m, s = mean_and_std([r.get(key) for r in rs])
             row[key] = {"mean": m, "std": s, "values": [r.get(key) for r in rs]}
@@ -443,11 +444,17 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
         if alts:
             m, s = mean_and_std([a["val_ppl"] for a in alts])
             row["val_ppl_other_inference"] = {"inference": alts[0]["inference"], "mean": m, "std": s}
+        ratios = (timing or {}).get("ratio_to_topk_aux", {}).get(router)
+        row["step_time_rel"] = quantiles(ratios) if ratios else None
         table[router] = row
     claims = []
     for text, a, b, metric in CLAIMS:
-        va = {r["seed"]: r.get(metric) for r in by_router.get(a, []) if r.get(metric) is not None}
-        vb = {r["seed"]: r.get(metric) for r in by_router.get(b, []) if r.get(metric) is not None}
+        if metric == "step_time_rel":  # paired by interleaved timing round, not by seed
+            rounds = (timing or {}).get("ratio_to_topk_aux", {})
+            va, vb = dict(enumerate(rounds.get(a, []))), dict(enumerate(rounds.get(b, [])))
+        else:
+            va = {r["seed"]: r.get(metric) for r in by_router.get(a, []) if r.get(metric) is not None}
+            vb = {r["seed"]: r.get(metric) for r in by_router.get(b, []) if r.get(metric) is not None}
         result, diff, se, pairs = compare(va, vb)
         paper = "SSR" if a.startswith(("ssr", "sinkhorn")) else "USMoE" if a == "usmoe" else "baseline"
         claims.append({"paper": paper, "claim": text, "a": a, "b": b, "metric": metric, "verdict": result, "difference": diff,
@@ -536,10 +543,20 @@ def plot(out: Path, runs: list[dict], agg: dict[str, Any], settings: dict[str, A
     axes[0].legend(fontsize=7)
     save(fig, "balance_training.png")
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bars(ax, "step_time_rel", "median step time / topk_aux's (ratio)",
-         "Training step time relative to top-k with aux loss", ref=1.0, ref_label="ratio 1: as fast as topk_aux")
-    save(fig, "step_time.png")
+    timed = [r for r in names if agg["routers"][r].get("step_time_rel")]
+    if timed:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        q = [agg["routers"][r]["step_time_rel"] for r in timed]
+        ax.bar(range(len(timed)), [x["median"] for x in q], color=[STYLE[r][0] for r in timed],
+               yerr=[[x["median"] - x["q25"] for x in q], [x["q75"] - x["median"] for x in q]], capsize=4,
+               label="median over interleaved rounds (error bars: 25th-75th percentile)")
+        ax.axhline(1.0, color="k", linestyle=":", linewidth=1, label="ratio 1: as fast as topk_aux")
+        ax.set_xticks(range(len(timed)), timed, rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("router")
+        ax.set_ylabel("training step time / topk_aux's (ratio)")
+        ax.set_title(f"Training step time relative to top-k with aux loss ({q[0]['n']} interleaved rounds)")
+        ax.legend(fontsize=8)
+        save(fig, "step_time.png")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in names:
@@ -567,7 +584,10 @@ def write_report(out: Path, args: argparse.Namespace, argv: Sequence[str]) -> di
     if not runs:
         log.warning("no finished runs with these settings in %s: no report", out)
         return {}
-    agg = aggregate(runs)
+    timing = read_json(out / "timing.json")
+    if timing is not None and (timing.get("key") or {}).get("settings") != settings:
+        timing = None  # measured for other settings
+    agg = aggregate(runs, timing)
     demo = read_json(Path(hmp.demo_model_path()) / "training_report.json") or {}
     demo_args = demo.get("args", {})
     tokens = settings["steps"] * settings["batch_size"] * settings["block_size"]
@@ -629,18 +649,22 @@ def write_report(out: Path, args: argparse.Namespace, argv: Sequence[str]) -> di
               "Training MaxVio: mean over the windows of the second half of training (per window of "
               f"{settings['log_every']} steps, the load of every choice made in training forwards, mean over layers). "
               "Dead experts: experts (summed over layers) that got no token in the last training window. "
-              "Held-out: on the validation blocks, with the inference routing. Step time: median over the run of "
-              "forward + backward + optimizer step, as a ratio to `topk_aux` of the same seed (2 shared CPU cores: "
-              "noisy).", "",
+              "Held-out: on the validation blocks, with the inference routing. Step time during its run: median of "
+              "forward + backward + optimizer step over the run; runs trained at different times under different "
+              "machine loads, so these are not compared. Step time / topk_aux, interleaved: `--timing-only` times every "
+              "router's step side by side in one process (each router's model takes `--timing-steps` steps on one "
+              "fixed batch per round, the order shuffled every round), median ratio to topk_aux's time of the same "
+              "round [25th-75th percentile]; SSR at p < 1 takes its Sinkhorn branch on that share of the steps, as "
+              "in training.", "",
               "| router | seeds | train MaxVio top-k | train MaxVio top-1 | dead experts (last window) | held-out MaxVio top-k "
-              "| held-out MaxVio top-1 | held-out experts/token | step time (s) | step time / topk_aux |",
+              "| held-out MaxVio top-1 | held-out experts/token | step time during its run (s) | step time / topk_aux, interleaved |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r, row in rows.items():
         lines.append(f"| {r} | {len(row['seeds'])} | {fmt(**_ms(row['train_maxvio']), digits=3)} | "
                      f"{fmt(**_ms(row['train_maxvio_top1']), digits=3)} | {fmt(**_ms(row['train_dead_experts_last']), digits=1)} | "
                      f"{fmt(**_ms(row['heldout_maxvio']), digits=3)} | {fmt(**_ms(row['heldout_maxvio_top1']), digits=3)} | "
                      f"{fmt(**_ms(row['heldout_experts_per_token_mean']), digits=2)} | "
-                     f"{fmt(**_ms(row['step_time_median']), digits=3)} | {fmt(**_ms(row['step_time_rel']), digits=2)} |")
+                     f"{fmt(**_ms(row['step_time_median']), digits=3)} | {_q(row['step_time_rel'])} |")
     lines += ["", "## Claims", "",
               "Each claim compares one metric of two routers on the seeds both have (a seed starts every router from "
               "the same weights and data order, so the runs pair by seed): **holds** when router A's value is lower "
@@ -672,6 +696,10 @@ def write_report(out: Path, args: argparse.Namespace, argv: Sequence[str]) -> di
     return results
 
 
+def _q(q: dict[str, Any] | None) -> str:
+    return "not measured (--timing-only)" if not q else f"{q['median']:.2f}x [{q['q25']:.2f}-{q['q75']:.2f}]"
+
+
 def _ms(d: dict[str, Any]) -> dict[str, Any]:
     return {"mean": d.get("mean"), "std": d.get("std")}
 
@@ -690,7 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     settings = settings_of(args)
-    if not args.report_only:
+    if args.timing_only:
+        measure_step_times(args, out)
+    elif not args.report_only:
         todo = []
         for seed in args.seeds:  # every router at one seed before the next seed: a partial set still compares
             for router in args.routers:
@@ -716,6 +746,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_report:
         write_report(out, args, argv)
     return 0
+
+
+def measure_step_times(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Every router's training step timed side by side: each router's model (the trained
+    topk_aux seed-0 weights when they exist, else seed 0's initialisation) takes ``--timing-steps`` steps on one fixed batch per round, in a freshly shuffled
+    order every round, so that all routers see the same machine load; per round, each router's
+    time per step is divided by topk_aux's of the same round. Cached in ``timing.json`` (same
+    settings and routers: reused). The step times recorded during the training runs are kept in
+    the runs but not compared: the runs trained at different times under different loads."""
+    import random
+
+    import torch
+
+    from hf_moe_patch.training.demo_model import optimizer_and_schedule, training_step
+
+    key = {"settings": settings_of(args), "routers": list(args.routers), "rounds": args.timing_rounds,
+           "steps": args.timing_steps}
+    saved = read_json(out / "timing.json")
+    if saved is not None and {k: v for k, v in saved.get("key", {}).items() if k != "weights"} == key and not args.overwrite:
+        log.info("step timing: from %s", out / "timing.json")
+        return saved
+    routers = [BASELINE, *[r for r in args.routers if r != BASELINE]]
+    data = Data(args)
+    batch = data.train_blocks[: args.batch_size]
+    # A trained router where one exists: Sinkhorn needs more iterations on a trained router's
+    # peaked scores than on the near-uniform ones of a fresh model.
+    trained = out / "models" / f"{BASELINE}_seed0"
+    state = None
+    if (trained / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32).state_dict()
+    key["weights"] = str(trained.relative_to(out)) if state is not None else "seed 0 initialisation"
+    models = {}
+    for router in routers:
+        model, _ = build_model(args, router, 0, data.tokenizer, state)
+        model.train()
+        optimizer, scheduler = optimizer_and_schedule(model, args.learning_rate, args.weight_decay, args.warmup_steps,
+                                                      args.steps)
+        models[router] = (model, optimizer, scheduler)
+        for _ in range(2):  # warm-up
+            training_step(model, optimizer, scheduler, batch)
+    rng = random.Random(0)
+    per_step: dict[str, list[float]] = {r: [] for r in routers}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for _ in range(args.timing_rounds):
+        order = list(routers)
+        rng.shuffle(order)
+        for router in order:
+            model, optimizer, scheduler = models[router]
+            t0 = time.perf_counter()
+            for _ in range(args.timing_steps):
+                training_step(model, optimizer, scheduler, batch)
+            per_step[router].append((time.perf_counter() - t0) / args.timing_steps)
+    ratios = {r: [t / b for t, b in zip(per_step[r], per_step[BASELINE])] for r in routers}
+    result = {"key": key, "per_step_seconds": per_step, "ratio_to_topk_aux": ratios,
+              "median_ratio": {r: statistics.median(v) for r, v in ratios.items()},
+              "threads": torch.get_num_threads(), "load_average_1min_start": load,
+              "load_average_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+              "machine": machine_info(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(out / "timing.json", result)
+    log.info("step timing: %s", ", ".join(f"{r} {v:.2f}x" for r, v in result["median_ratio"].items()))
+    return result
 
 
 def child_command(args: argparse.Namespace, router: str, seed: int) -> list[str]:

@@ -50,9 +50,18 @@ def test_quick_run_writes_finite_results_resumes_and_reports(tmp_path):
     assert {c["verdict"] for c in results["claims"]} <= {"holds", "does not hold", "inconclusive",
                                                           "inconclusive (fewer than 2 seeds)"}
     readme = (out / "README.md").read_text()
-    assert "| topk_aux |" in readme and "## Claims" in readme
-    for name in ("val_ppl.png", "corruption.png", "balance_training.png", "step_time.png", "train_loss.png"):
+    assert "| topk_aux |" in readme and "## Claims" in readme and "not measured (--timing-only)" in readme
+    for name in ("val_ppl.png", "corruption.png", "balance_training.png", "train_loss.png"):
         assert (out / name).stat().st_size > 0, name
+
+    # Step times side by side, on the trained topk_aux weights; the speed claim pairs by round.
+    assert script.main([*argv, "--timing-only", "--timing-rounds", "3", "--timing-steps", "1"]) == 0
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["key"]["weights"] == "models/topk_aux_seed0" and timing["median_ratio"]["topk_aux"] == 1.0
+    assert all(len(v) == 3 and all(t > 0 for t in v) for v in timing["per_step_seconds"].values())
+    results = json.loads((out / "results.json").read_text())
+    assert results["routers"]["ssr_p0.1"]["step_time_rel"]["n"] == 3
+    assert (out / "step_time.png").stat().st_size > 0
 
     # --report-only aggregates what exists without training.
     (out / "README.md").unlink()
