@@ -176,7 +176,10 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             started = time.perf_counter()
             for i, (setting, routings) in enumerate(by_setting.items(), 1):
                 log.info("%s task seed %d: setting %d/%d %s (%s)", name, seed, i, len(by_setting), setting, ", ".join(routings))
-                scores = run_setting(model, tokenizer, setting, routings, seed, args, out / "mteb_cache" / slug(name))
+                # One cache folder per model and task seed: mteb's cache finds results by model and
+                # task name only, so two task seeds in one folder would evict each other.
+                scores = run_setting(model, tokenizer, setting, routings, seed, args,
+                                     out / "mteb_cache" / slug(name) / f"task_seed{seed}")
                 for cell in model_cells:
                     if cell.setting == setting:
                         per_task = scores[cell.routing]
