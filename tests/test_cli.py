@@ -293,6 +293,23 @@ def offline(request, tmp_path):
     return env, reason
 
 
+@pytest.fixture(scope="module")
+def startup_seconds(tmp_path_factory) -> float:
+    """How long the command takes to fail for a local reason (a missing folder) on this machine
+    now: its imports and start-up, the part of an offline failure that is not waiting for the
+    network. The offline tests allow that twice plus 10 s (transformers' retries took 35-51 s)."""
+    import time
+
+    missing = str(tmp_path_factory.mktemp("startup") / "no" / "such" / "model")
+    start = time.perf_counter()
+    run("stats", missing)
+    return time.perf_counter() - start
+
+
+def quick_enough(elapsed: float, startup: float) -> bool:
+    return elapsed < max(15.0, 2 * startup + 10.0)
+
+
 @pytest.mark.parametrize("args, instead", [
     (["mteb", "allenai/OLMoE-1B-7B-0924"], "use the shipped model 'demo' or a local folder"),
     (["stats", "allenai/OLMoE-1B-7B-0924"], "use the shipped model 'demo' or a local folder"),
@@ -300,7 +317,8 @@ def offline(request, tmp_path):
     (["mteb", "--tasks", "STS12"], "use the local WordNet tasks (WordNetLexnameClassification, "),
     (["sft", "demo", "--dataset", "tatsu-lab/alpaca"], "use --dataset wordnet (built in) or a local .json/.jsonl/.parquet file"),
 ])
-def test_offline_a_hub_model_task_or_data_set_fails_at_once_saying_what_to_use(offline, tmp_path, args, instead):
+def test_offline_a_hub_model_task_or_data_set_fails_at_once_saying_what_to_use(offline, tmp_path, args, instead,
+                                                                             startup_seconds):
     """No network (or HF_HUB_OFFLINE=1): one line within seconds, not a minute of retries."""
     import time
 
@@ -310,17 +328,17 @@ def test_offline_a_hub_model_task_or_data_set_fails_at_once_saying_what_to_use(o
     elapsed = time.perf_counter() - start
     message = one_line_error(out)
     assert "offline" in message and reason in message and instead in message, message
-    assert elapsed < 15, elapsed  # ~3 s of imports; transformers' retries took 35-51 s
+    assert quick_enough(elapsed, startup_seconds), (elapsed, startup_seconds)  # ~3 s of imports on a quiet machine
 
 
-def test_push_without_a_token_says_how_to_log_in(tmp_path):
+def test_push_without_a_token_says_how_to_log_in(tmp_path, startup_seconds):
     import time
 
     start = time.perf_counter()
     out = run("push", "demo", "me/demo-usmoe", "--method", "usmoe", env={"HF_HOME": str(tmp_path / "h"), "HF_TOKEN": None})
     assert one_line_error(out) == ("push needs a Hugging Face token with write access: log in with `hf auth login` "
                                    "(or set HF_TOKEN, or pass --token)")
-    assert time.perf_counter() - start < 15
+    assert quick_enough(time.perf_counter() - start, startup_seconds)
 
 
 def test_push_offline_fails_at_once(tmp_path):
