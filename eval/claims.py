@@ -65,7 +65,7 @@ def embedding_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             if not c.get("diff_n"):
                 continue
             rows.append({"paper": c["paper"], "claim": f"{c['claim']} [{label}]", "experiment": "moee_embeddings",
-                         "measured": f"{_num(c['diff_mean'])} ± {c['diff_std']:.2f} (WordNet mean x100)",
+                         "measured": f"{_num(c['diff_mean'])} ± {c['diff_std']:.2f} (std; WordNet mean x100)",
                          "n": c["diff_n"], "verdict": c["verdict"]})
     return rows
 
@@ -75,7 +75,7 @@ def robustness_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     for part, label in (("training_free", "training-free, demo model, noise seeds"), ("trained", "trained checkpoints")):
         for c in (res.get("claims") or {}).get(part, []):
             rows.append({"paper": c.get("paper", "baseline"), "claim": f"{c['claim']} [{label}]", "experiment": "robustness",
-                         "measured": f"{_num(c['diff_mean'], 3)} ± {c['diff_std']:.3f}", "n": c["diff_n"],
+                         "measured": f"{_num(c['diff_mean'], 3)} ± {c['diff_std']:.3f} (std; {c['metric']})", "n": c["diff_n"],
                          "verdict": c["verdict"]})
     return rows
 
@@ -83,6 +83,8 @@ def robustness_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
 def dynamic_compute_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     """USMoE's cost claim: MTEB and perplexity at a smaller budget than native, one run (no seeds)."""
     by_label = {r["label"]: r for r in res.get("routings", [])}
+    # Results written before the task build was recorded used build 1 (the old ExampleRetrieval).
+    build = (res.get("settings") or {}).get("task_build", {}).get("wordnet_tasks_build", 1)
     native = next((r for r in res.get("routings", []) if r.get("native")), None)
     rows = []
     for label in ("usmoe:top_k=3", "usmoe:top_k=3,causal"):
@@ -91,7 +93,8 @@ def dynamic_compute_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         d_mteb = 100 * (r["mteb"]["mean"] - native["mteb"]["mean"])
         rows.append({"paper": "USMoE", "claim": f"fractional / smaller budget keeps quality: {label} (3 experts/token) "
-                                                f"vs native top-4 [demo model]", "experiment": "dynamic_compute",
+                                                f"vs native top-4 [demo model; WordNet task build {build}]",
+                     "experiment": "dynamic_compute",
                      "measured": f"MTEB {d_mteb:+.2f} x100, perplexity {r['perplexity']:.2f} vs {native['perplexity']:.2f}, "
                                  f"{r['experts_per_token']:.2f} vs {native['experts_per_token']:.2f} experts/token",
                      "n": 1, "verdict": "inconclusive (one run)"})

@@ -1082,7 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "transformers": env["transformers"], "hf_moe_patch": env["hf_moe_patch"]}
     measure_settings["calibration_format"] = args.calibration_format
     if not args.no_mteb:
-        measure_settings["task_build"] = task_build(args.wordnet)
+        measure_settings["task_build"] = settings["task_build"] = task_build(args.wordnet)
     skey = key_of(measure_settings)
     log.info("%d routings on %s (%d held-out blocks x %d tokens; MTEB %s; timing %s) -> %s", len(routings),
              settings["model"], settings["eval_blocks"], data.block_size,

@@ -325,7 +325,21 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "### Claims", "", "| paper | claim | paired difference (x100) | n | verdict |", "|---|---|---|---|---|"]
         lines += [fmt_claim(c) for c in results["claims"][kind]]
     lines += ["", "Per task scores of every cell are in `results.json` (`rows`). Figures: `embeddings.png`, `sweeps.png`."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_without_empty_tables(lines)) + "\n"
+
+
+def _without_empty_tables(lines: list[str]) -> list[str]:
+    """A table whose header is not followed by a row says so instead (a group not measured there)."""
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        is_header = line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---")
+        if is_header and not (i + 2 < len(lines) and lines[i + 2].startswith("| ")):
+            out.append("Not measured on these models (see `--trained-groups`).")
+        elif line.startswith("|---") and out and out[-1].startswith("Not measured"):
+            continue
+        else:
+            out.append(line)
+    return out
 
 
 def figures(results: dict[str, Any], out: Path) -> list[Path]:
@@ -410,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "tasks": list(QUICK_SIZES) if args.quick else list(TASKS), "task_sizes": QUICK_SIZES if args.quick else "defaults"},
         "rows": rows,
     }
+    if args.report_only:  # the measurement's own command, time and settings stay; say who rewrote the report
+        results.update({k: previous[k] for k in ("command", "finished_utc", "wall_seconds", "settings") if k in previous})
+        results["report_rewritten_by"] = "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])])
     results["claims"] = {kind: claims(rows, kind) for kind in ("demo", "trained")}
     write_json(out / "results.json", results)
     write_text(out / "README.md", markdown(results))
