@@ -538,7 +538,7 @@ def evaluate_routings(
 
     import mteb
 
-    from .moee import MoEEncoder
+    from .moee import MoEEncoder, text_hidden_size
     from .reference import reference_tasks
     from ..data.wordnet_tasks import remove_stale_results
     from ..validation import check_writable_dir
@@ -562,6 +562,10 @@ def evaluate_routings(
     task_types = {t.metadata.name: t.metadata.type for t in task_objects}
     metrics = {t.metadata.name: str(t.metadata.main_score) for t in task_objects}
     task_names = [t.metadata.name for t in task_objects]
+    # The reference MoEE(sum) of classification and clustering is two runs' predictions. Wrapped
+    # once: the copies then load their data once for every routing.
+    evaluated = (reference_tasks(task_objects, hidden_size=text_hidden_size(model), sum_weight=sum_weight)
+                 if reference and embedding == "moee_sum" else task_objects)
     cache = mteb.ResultCache(cache_path=Path(cache_dir))
     runs = []
     started, computed = time.perf_counter(), []
@@ -608,9 +612,6 @@ def evaluate_routings(
                 # mteb's classifiers on a weak embedding predict some labels never: sklearn warns
                 # once per evaluation that their precision is 0. The scores say it already.
                 _ignore_undefined_metric_warnings()
-                # The reference MoEE(sum) of classification and clustering is two runs' predictions.
-                evaluated = (reference_tasks(task_objects, hidden_size=encoder.hidden_size, sum_weight=sum_weight)
-                             if reference and embedding == "moee_sum" else task_objects)
                 result = mteb.evaluate(encoder, evaluated, cache=cache,
                                        overwrite_strategy="only-missing" if all_cached else "always",
                                        show_progress_bar=bars)

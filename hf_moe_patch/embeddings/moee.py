@@ -284,6 +284,18 @@ def routing_tag(model: nn.Module) -> str:
 # --- the encoder ---------------------------------------------------------------------------
 
 
+def text_hidden_size(model: Any) -> int:
+    """Width of the language model's hidden state: the ``hs`` part of an MoEE embedding
+    (a multimodal config's text part).
+
+    Example:
+        >>> text_hidden_size(model)  # doctest: +SKIP
+        64
+    """
+    config = model.config
+    return int((config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size)
+
+
 class MoEEncoder(AbsEncoder):
     """MoEE sentence embeddings of a supported (optionally patched) MoE causal LM, as an mteb model.
 
@@ -460,9 +472,7 @@ class MoEEncoder(AbsEncoder):
     @property
     def hidden_size(self) -> int:
         """Width of the ``hs`` part."""
-        config = self.model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(text_config.hidden_size)
+        return text_hidden_size(self.model)
 
     @property
     def router_sizes(self) -> list[int]:
@@ -957,5 +967,6 @@ __all__ = [
     "routing_tag",
     "standardize_per_batch",
     "standardize_per_text",
+    "text_hidden_size",
     "to_sentence_transformer",
 ]
