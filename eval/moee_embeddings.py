@@ -366,9 +366,11 @@ def figures(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("WordNet MTEB mean (main score x100)")
         ax.set_title(f"{'demo model' if kind == 'demo' else 'trained top-k+aux models'}: embeddings, native router\n"
                      f"(error bars: std over seeds)")
-        ax.legend(fontsize=8, title="mode, prompt")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    # One legend under the panels: inside an axis it covered the lowest bars.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="mode, prompt", fontsize=8, loc="lower center", ncol=len(labels))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths.append(out / "embeddings.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
@@ -424,8 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "tasks": list(QUICK_SIZES) if args.quick else list(TASKS), "task_sizes": QUICK_SIZES if args.quick else "defaults"},
         "rows": rows,
     }
-    if args.report_only:  # the measurement's own command, time and settings stay; say who rewrote the report
-        results.update({k: previous[k] for k in ("command", "finished_utc", "wall_seconds", "settings") if k in previous})
+    if args.report_only:  # the measurement's own command, time, machine and settings stay; say who rewrote the report
+        results.update({k: previous[k] for k in ("command", "finished_utc", "wall_seconds", "environment", "settings") if k in previous})
         results["report_rewritten_by"] = "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])])
     results["claims"] = {kind: claims(rows, kind) for kind in ("demo", "trained")}
     write_json(out / "results.json", results)

@@ -33,6 +33,16 @@ def test_quick_run_reports_measured_cells_and_reuses_the_cache(tmp_path):
     assert script.main(args) == 0  # every cell from mteb's cache: no result file is rewritten
     assert sorted(p.stat().st_mtime_ns for p in (out / "mteb_cache").rglob("WordNetWuPalmerSTS.json")) == cache
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+    # --report-only rewrites the report from the saved rows and keeps what describes the measurement.
+    saved = json.loads((out / "results.json").read_text())
+    saved["environment"] = {**saved["environment"], "cpu": "the measuring machine's CPU"}
+    (out / "results.json").write_text(json.dumps(saved))
+    assert script.main(["--report-only", "--out", str(out), "--log-level", "WARNING"]) == 0
+    rewritten = json.loads((out / "results.json").read_text())
+    assert rewritten["environment"] == saved["environment"]
+    assert "the measuring machine's CPU" in (out / "README.md").read_text()
+    assert rewritten["command"] == saved["command"] and rewritten["rows"] == rows
+    assert rewritten["report_rewritten_by"].endswith("--report-only --out " + str(out) + " --log-level WARNING")
 
 
 def test_verdict_needs_every_seed_and_two_standard_errors():
