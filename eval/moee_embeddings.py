@@ -418,8 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = previous["rows"]
     else:
         rows = measure(args, out)
+    command = "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])])
     results = {
-        "issue": 11, "experiment": 2, "command": "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])]),
+        "issue": 11, "experiment": 2, "command": command,
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds": time.perf_counter() - started, "environment": machine_info(),
         "settings": {"task_seeds": args.task_seeds, "trained_groups": args.trained_groups, "batch_size": args.batch_size, "quick": args.quick, "threads": args.threads,
@@ -428,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.report_only:  # the measurement's own command, time, machine and settings stay; say who rewrote the report
         results.update({k: previous[k] for k in ("command", "finished_utc", "wall_seconds", "environment", "settings") if k in previous})
-        results["report_rewritten_by"] = "python " + " ".join([SCRIPT, *map(shlex.quote, argv or sys.argv[1:])])
+        results["report_rewritten_by"] = command
     results["claims"] = {kind: claims(rows, kind) for kind in ("demo", "trained")}
     write_json(out / "results.json", results)
     write_text(out / "README.md", markdown(results))
